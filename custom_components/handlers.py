@@ -1,0 +1,246 @@
+"""Ignite handlers for what a user opens after training: the report files, the best model and a resumable state.
+
+MONAI's CheckpointSaver names interval checkpoints by epoch and forgets the best score on resume; these handlers
+write fixed file names atomically (temporary file, then rename) and keep their history in the checkpoint, so an
+interrupted run resumes with its curve, its best score and its ``model.pt`` intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a truncated checkpoint behind."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+class ResumableCheckpoint:
+    """Keep the last epoch's full state in one file, and resume from it when a run starts again.
+
+    At the end of every epoch the state of the engine it is attached to and of every object in ``objects``
+    (network, optimiser, schedule, report) is written atomically to ``path``; when the engine starts and
+    ``path`` exists, all of it is loaded back, so training continues at the next epoch. It replaces MONAI's
+    CheckpointLoader + CheckpointSaver pair because those cannot hold the trainer that owns them (a config
+    cycle) and name each epoch's file differently. A larger ``max_epochs`` than the checkpoint's extends the run.
+    """
+
+    def __init__(self, path: str | Path, objects: Mapping[str, Any], enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.objects = dict(objects)
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self.load)
+
+    def _save_last(self, engine: Engine) -> None:
+        """Register the save when the run starts, after every handler was attached: it then runs last at each
+        epoch end, once validation, the report and the schedule step are done, so the file is a whole epoch."""
+        if not engine.has_event_handler(self.save, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def _with_engine(self, engine: Engine) -> dict[str, Any]:
+        return {**self.objects, "engine": engine}
+
+    def save(self, engine: Engine) -> None:
+        atomic_torch_save({name: obj.state_dict() for name, obj in self._with_engine(engine).items()}, self.path)
+
+    def load(self, engine: Engine) -> None:
+        self._save_last(engine)
+        if not self.path.is_file():
+            return
+        max_epochs = engine.state.max_epochs
+        checkpoint = torch.load(
+            self.path, map_location=getattr(engine.state, "device", None) or "cpu", weights_only=False
+        )
+        Checkpoint.load_objects(to_load=self._with_engine(engine), checkpoint=checkpoint)
+        engine.state.max_epochs = max(max_epochs, engine.state.epoch)
+        engine.logger.info(f"resumed from {self.path} at epoch {engine.state.epoch} of {engine.state.max_epochs}")
+
+
+class TrainingReport:
+    """Learning curve (CSV and PNG), ``metrics.json`` and the best weights ``model.pt``, written every epoch.
+
+    Its epoch-end step is registered when the run starts, after every handler was attached, so it reads this
+    epoch's validation whatever its place in the handler list. Its ``state_dict`` holds the history, so it
+    belongs in the resumable checkpoint.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        evaluator: Engine,
+        network: torch.nn.Module,
+        class_names: Sequence[str],
+        key_metric: str = "val_mean_dice",
+        per_class_metric: str = "val_dice_per_class",
+        enabled: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.evaluator = evaluator
+        self.network = network
+        self.class_names = list(class_names)
+        self.key_metric = key_metric
+        self.per_class_metric = per_class_metric
+        self.enabled = enabled
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.wall_time = 0.0
+        self.iterations = 0
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._epoch_start = 0.0
+        self._last_val_epoch = -1
+        self._learning_rate: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best, "wall_time": self.wall_time, "iterations": self.iterations}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.wall_time = float(state["wall_time"])
+        self.iterations = int(state["iterations"])
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        self.evaluator.add_event_handler(Events.COMPLETED, self._validated)
+
+    def _started(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self._epoch_completed, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._loss_sum, self._loss_count = 0.0, 0
+        self._epoch_start = time.perf_counter()
+        self._learning_rate = engine.optimizer.param_groups[0]["lr"] if hasattr(engine, "optimizer") else None
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        output = engine.state.output
+        items = output if isinstance(output, list) else [output]
+        for item in items:
+            self._loss_sum += float(item["loss"])
+            self._loss_count += 1
+        self.iterations += 1
+
+    def _validated(self, evaluator: Engine) -> None:
+        self._last_val_epoch = evaluator.state.epoch  # the evaluator's epoch mirrors the trainer's
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        self.wall_time += time.perf_counter() - self._epoch_start
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": self._loss_sum / max(self._loss_count, 1),
+            "learning_rate": self._learning_rate,  # the rate this epoch trained with
+            "wall_time_s": round(self.wall_time, 3),
+        }
+        if self._last_val_epoch == epoch:
+            metrics = self.evaluator.state.metrics
+            row[self.key_metric] = float(metrics[self.key_metric])
+            per_class = torch.as_tensor(metrics.get(self.per_class_metric, [])).flatten().tolist()
+            for name, value in zip(self.class_names, per_class, strict=False):
+                row[f"dice_{name}"] = float(value)
+            if not self.best or row[self.key_metric] > self.best[self.key_metric]:
+                self.best = dict(row)
+                atomic_torch_save(self.network.state_dict(), self.output_dir / "model.pt")
+        self.history.append(row)
+        self.write(engine)
+
+    def _dice_per_class(self, row: Mapping[str, Any]) -> dict[str, float]:
+        return {name: row[f"dice_{name}"] for name in self.class_names if f"dice_{name}" in row}
+
+    def write(self, engine: Engine) -> None:
+        """Write ``learning_curve.csv``, ``learning_curve.png`` and ``metrics.json`` into ``output_dir``."""
+        validated = [row for row in self.history if self.key_metric in row]
+        last = validated[-1] if validated else {}
+        device = getattr(engine.state, "device", None) or next(self.network.parameters()).device
+        if torch.device(device).type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        else:  # ru_maxrss is in KiB on Linux: the process's resident peak, data loading included
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+        metrics = {
+            "best_mean_dice": self.best.get(self.key_metric),
+            "best_epoch": self.best.get("epoch"),
+            "best_dice_per_class": self._dice_per_class(self.best),
+            "last_mean_dice": last.get(self.key_metric),
+            "last_dice_per_class": self._dice_per_class(last),
+            "epochs": self.history[-1]["epoch"] if self.history else 0,
+            "wall_time_s": round(self.wall_time, 3),
+            "seconds_per_iteration": round(self.wall_time / max(self.iterations, 1), 4),
+            "peak_memory_mb": round(peak_mb, 1),
+            "memory_kind": "cuda_allocated" if torch.device(device).type == "cuda" else "process_rss",
+            "parameters": sum(p.numel() for p in self.network.parameters()),
+            "device": str(device),
+        }
+        atomic_write_json(metrics, self.output_dir / "metrics.json")
+        fields = list(dict.fromkeys(key for row in self.history for key in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_bytes(self.output_dir / "learning_curve.csv", text.getvalue().encode())
+        self._plot()
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        epochs = [row["epoch"] for row in self.history]
+        loss_ax.plot(epochs, [row["train_loss"] for row in self.history], marker=".")
+        loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss")
+        validated = [row for row in self.history if self.key_metric in row]
+        val_epochs = [row["epoch"] for row in validated]
+        dice_ax.plot(val_epochs, [row[self.key_metric] for row in validated], marker="o", label="mean")
+        for name in self.class_names:
+            values = [row.get(f"dice_{name}") for row in validated]
+            if any(v is not None for v in values):
+                dice_ax.plot(val_epochs, values, marker=".", linestyle="--", label=name)
+        dice_ax.set(title="validation Dice", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
+        dice_ax.legend(loc="lower right")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        atomic_write_bytes(self.output_dir / "learning_curve.png", buffer.getvalue())

@@ -1,0 +1,147 @@
+"""Synthetic CT-like datasets in the Medical Segmentation Decathlon layout.
+
+Each case is a body in air (Hounsfield units) with a smooth bias field, Gaussian noise and anisotropic spacing;
+a large deformed organ (class 1) holds a few small lesions (class 2, under 1% of the voxels), and an unlabelled
+"distractor" organ of the same density as class 1 makes a plain intensity threshold fail. This is the data that
+`make train` and the tests use, so it must be hard enough to need a network yet learnable in a few epochs.
+
+Usage: ``python -m custom_components.synthetic --out DIR --cases N --seed S [--dim 2|3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+AIR_HU = -1000.0
+BODY_HU = 20.0  # soft tissue / fat mixture
+ORGAN_HU = 70.0  # contrast-enhanced parenchyma (class 1); the distractor has the same density
+LESION_HU = 25.0  # hypodense lesion inside the organ (class 2)
+NOISE_HU = 18.0  # quantum noise standard deviation
+BIAS_HU = 25.0  # amplitude of the smooth, low-frequency bias field
+LABELS = {"0": "background", "1": "organ", "2": "lesion"}
+
+
+def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, sigma_fraction: float = 0.25) -> np.ndarray:
+    """Zero-mean, unit-amplitude smooth random field: white noise blurred to a fraction of the extent."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=[max(1.0, s * sigma_fraction) for s in shape])
+    return field / (np.abs(field).max() + 1e-8)
+
+
+def _ellipsoid_distance(grid: list[np.ndarray], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Normalised ellipsoid distance: < 1 inside, computed in millimetres so anisotropy is physical."""
+    return np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)))
+
+
+def make_case(
+    shape: tuple[int, ...], spacing: tuple[float, ...], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One CT-like image (float32 HU) and its label map (uint8: 0 background, 1 organ, 2 lesion)."""
+    grid = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij")
+    extent = np.array([n * s for n, s in zip(shape, spacing, strict=True)])
+    centre = extent / 2
+
+    body = _ellipsoid_distance(grid, centre, extent * rng.uniform(0.42, 0.47, len(shape))) < 1
+    # organ: an off-centre ellipsoid whose surface is pushed in and out by a smooth random field
+    organ_centre = centre + extent * rng.uniform(-0.08, 0.08, len(shape))
+    organ_radii = extent * rng.uniform(0.2, 0.26, len(shape))
+    organ = (_ellipsoid_distance(grid, organ_centre, organ_radii) + 0.25 * _smooth_field(shape, rng)) < 1
+    organ &= body
+    # distractor: same density as the organ, unlabelled, on the opposite side of the body
+    distractor_centre = 2 * centre - organ_centre + extent * np.sign(centre - organ_centre) * 0.12
+    distractor_radii = extent * rng.uniform(0.08, 0.12, len(shape))
+    distractor = (_ellipsoid_distance(grid, distractor_centre, distractor_radii) < 1) & body & ~organ
+
+    # lesions: up to three spheres inside the organ, each at most 0.3% of the volume, so class 2 stays under 1%
+    lesion = np.zeros(shape, dtype=bool)
+    max_radius = np.cbrt(0.003 * np.prod(shape) * np.prod(spacing) * 3 / (4 * np.pi))
+    organ_voxels = np.argwhere(ndimage.binary_erosion(organ, iterations=2))
+    if len(organ_voxels) == 0:
+        organ_voxels = np.argwhere(organ)
+    for _ in range(rng.integers(1, 4)):
+        centre_mm = organ_voxels[rng.integers(len(organ_voxels))] * np.asarray(spacing)
+        radius = min(rng.uniform(3.0, 5.0), max_radius)
+        lesion |= _ellipsoid_distance(grid, centre_mm, np.full(len(shape), radius)) < 1
+    lesion &= organ
+
+    image = np.full(shape, AIR_HU, dtype=np.float32)
+    image[body] = BODY_HU
+    image[organ | distractor] = ORGAN_HU
+    image[lesion] = LESION_HU
+    image[body] += BIAS_HU * _smooth_field(shape, rng, 0.35)[body]
+    image = ndimage.gaussian_filter(image, sigma=0.6)  # partial-volume blur at the edges
+    image += rng.normal(0.0, NOISE_HU, shape).astype(np.float32)
+
+    label = np.zeros(shape, dtype=np.uint8)
+    label[organ] = 1
+    label[lesion] = 2
+    return image.astype(np.float32), label
+
+
+def write_dataset(
+    out: str | Path,
+    cases: int,
+    seed: int = 0,
+    dim: int = 3,
+    shape: tuple[int, ...] | None = None,
+    spacing: tuple[float, ...] | None = None,
+) -> Path:
+    """Write ``cases`` synthetic cases as NIfTI with an MSD ``dataset.json``; returns the dataset folder.
+
+    Case sizes vary by up to +-15% around ``shape`` so that no two volumes share a grid, as in real data.
+    """
+    if dim not in (2, 3):
+        raise ValueError(f"dim must be 2 or 3, got {dim}")
+    shape = tuple(shape or ((96, 96, 40) if dim == 3 else (128, 128)))
+    spacing = tuple(spacing or ((0.8, 0.8, 2.5) if dim == 3 else (0.8, 0.8)))
+    if len(shape) != dim or len(spacing) != dim:
+        raise ValueError(f"shape {shape} and spacing {spacing} must both have {dim} entries")
+    out = Path(out)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    training = []
+    for index in range(cases):
+        case_shape = tuple(int(round(n * rng.uniform(0.85, 1.15))) for n in shape)
+        image, label = make_case(case_shape, spacing, rng)
+        affine = np.diag([*spacing, *([1.0] * (3 - dim)), 1.0])
+        affine[:dim, 3] = rng.uniform(-50, 50, dim)  # scanner origin differs between cases
+        name = f"case_{index:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(np.round(image).astype(np.int16), affine), out / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(label, affine), out / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    description = {
+        "name": f"Synthetic{dim}D",
+        "description": "Synthetic CT-like organ (1) and lesion (2) segmentation made by custom_components.synthetic",
+        "tensorImageSize": f"{dim}D",
+        "modality": {"0": "CT"},
+        "labels": LABELS,
+        "numTraining": cases,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    (out / "dataset.json").write_text(json.dumps(description, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="dataset folder to write (dataset.json, imagesTr, labelsTr)")
+    parser.add_argument("--cases", type=int, default=12, help="number of cases")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same data")
+    parser.add_argument("--dim", type=int, default=3, choices=(2, 3), help="3: volumes; 2: native 2D images")
+    parser.add_argument("--shape", type=int, nargs="+", help="typical grid size in voxels (default 96 96 40 / 128 128)")
+    parser.add_argument("--spacing", type=float, nargs="+", help="voxel size in mm (default 0.8 0.8 2.5 / 0.8 0.8)")
+    args = parser.parse_args(argv)
+    out = write_dataset(args.out, args.cases, args.seed, args.dim, args.shape, args.spacing)
+    print(f"wrote {args.cases} {args.dim}D cases to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Dataset reading, checks, splits and the cache that never outgrows memory."""
+
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.data import CacheDataset, PersistentDataset
+from monai.transforms import LoadImaged
+
+from custom_components import data
+from custom_components.data import DatasetError, check_datalist, load_dataset_json, make_dataset, split_datalist
+from custom_components.synthetic import write_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("tiny") / "ds", cases=5, seed=3, shape=(24, 24, 8))
+
+
+def test_synthetic_dataset_is_ct_like_anisotropic_and_imbalanced(tiny: Path) -> None:
+    description = load_dataset_json(tiny)
+    assert description["labels"] == {"0": "background", "1": "organ", "2": "lesion"}
+    shapes = set()
+    for item in description["training"]:
+        image = nib.load(tiny / item["image"])
+        label = np.asarray(nib.load(tiny / item["label"]).dataobj)
+        assert image.header.get_zooms() == pytest.approx((0.8, 0.8, 2.5))
+        hu = np.asarray(image.dataobj)
+        assert hu.min() < -900 and hu.max() > 50  # air and enhanced tissue in Hounsfield units
+        assert 0 < (label == 2).mean() < 0.01 and (label == 1).mean() > 0.02
+        shapes.add(image.shape)
+    assert len(shapes) > 1
+
+
+def test_synthetic_data_is_seeded(tmp_path: Path) -> None:
+    a = write_dataset(tmp_path / "a", cases=1, seed=5, shape=(16, 16, 6))
+    b = write_dataset(tmp_path / "b", cases=1, seed=5, shape=(16, 16, 6))
+    c = write_dataset(tmp_path / "c", cases=1, seed=6, shape=(16, 16, 6))
+    read = lambda root: np.asarray(nib.load(root / "imagesTr/case_000.nii.gz").dataobj)  # noqa: E731
+    assert np.array_equal(read(a), read(b)) and not np.array_equal(read(a), read(c))
+
+
+def test_missing_dataset_dir(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'nope'} does not exist"):
+        load_dataset_json(tmp_path / "nope")
+
+
+def test_missing_and_malformed_dataset_json(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="dataset.json is missing"):
+        load_dataset_json(tmp_path)
+    (tmp_path / "dataset.json").write_text('{"labels": {"0": "bg"},')
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        load_dataset_json(tmp_path)
+    (tmp_path / "dataset.json").write_text('{"labels": {"0": "bg"}, "modality": {"0": "CT"}}')
+    with pytest.raises(DatasetError, match="needs a 'training' list"):
+        load_dataset_json(tmp_path)
+
+
+def test_listed_file_missing(tiny: Path, copy_dataset) -> None:
+    broken = copy_dataset(tiny)
+    (broken / "imagesTr" / "case_001.nii.gz").unlink()
+    with pytest.raises(DatasetError, match="case_001.nii.gz is listed in .* but does not exist"):
+        check_datalist(load_dataset_json(broken), broken, 3)
+
+
+def test_image_and_label_of_different_shape(tiny: Path, copy_dataset) -> None:
+    broken = copy_dataset(tiny)
+    label = broken / "labelsTr" / "case_003.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), label)
+    with pytest.raises(DatasetError, match=f"{label} has shape \\(5, 5, 5\\) but its image"):
+        check_datalist(load_dataset_json(broken), broken, 3)
+
+
+def test_label_values_outside_classes(tiny: Path) -> None:
+    with pytest.raises(DatasetError, match=r"case_000.nii.gz has label values \[2\] outside 0..1"):
+        check_datalist(load_dataset_json(tiny), tiny, 2)
+
+
+def test_config_wrappers_exit_cleanly(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="error: .*dataset.json is missing"):
+        data.read_description(tmp_path)
+
+
+def test_split_is_deterministic_disjoint_and_complete() -> None:
+    cases = [{"image": f"/d/case_{i:03d}.nii.gz", "label": f"/l/case_{i:03d}.nii.gz"} for i in range(10)]
+    vals = []
+    for fold in range(5):
+        train, val = split_datalist(cases, fold, 5, seed=0)
+        assert len(val) == 2 and len(train) == 8 and not {c["image"] for c in train} & {c["image"] for c in val}
+        assert split_datalist(cases, fold, 5, seed=0) == (train, val)
+        vals += [c["image"] for c in val]
+    assert sorted(vals) == sorted(c["image"] for c in cases)
+    assert split_datalist(cases, 0, 5, seed=1)[1] != split_datalist(cases, 0, 5, seed=0)[1]
+    with pytest.raises(DatasetError, match="10 cases cannot make 11 folds"):
+        split_datalist(cases, 0, 11)
+
+
+def test_splits_file_overrides_folds(tmp_path: Path) -> None:
+    cases = [{"image": f"/d/case_{i:03d}.nii.gz", "label": f"/l/case_{i:03d}.nii.gz"} for i in range(4)]
+    splits = tmp_path / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ["case_000", "case_001", "case_002"], "val": ["case_003"]}]))
+    train, val = split_datalist(cases, 0, 5, splits_file=splits)
+    assert [c["image"] for c in val] == ["/d/case_003.nii.gz"] and len(train) == 3
+    splits.write_text(json.dumps([{"train": ["case_000"], "val": ["case_999"]}]))
+    with pytest.raises(DatasetError, match="case_999"):
+        split_datalist(cases, 0, 5, splits_file=splits)
+
+
+def test_cache_estimate_follows_resampling(tiny: Path) -> None:
+    datalist = check_datalist(load_dataset_json(tiny), tiny, 3)[:1]
+    shape = nib.load(datalist[0]["image"]).shape
+    native = data.estimate_cache_bytes(datalist, (0.8, 0.8, 2.5))
+    assert native == 2 * np.prod(shape) * 4  # image + label, float32
+    assert data.estimate_cache_bytes(datalist, (1.6, 1.6, 2.5)) == pytest.approx(native / 4, rel=0.01)
+
+
+def test_cache_that_would_not_fit_falls_back_to_disk(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    datalist = check_datalist(load_dataset_json(tiny), tiny, 3)
+    load = LoadImaged(keys=["image", "label"])
+    assert isinstance(make_dataset(datalist, load, 1.0, tmp_path / "cache", (0.8, 0.8, 2.5)), CacheDataset)
+    memory = namedtuple("memory", "available")
+    monkeypatch.setattr(data.psutil, "virtual_memory", lambda: memory(available=10_000))
+    with pytest.warns(UserWarning, match="caching to disk in .*cache"):
+        dataset = make_dataset(datalist, load, 1.0, tmp_path / "cache", (0.8, 0.8, 2.5))
+    assert isinstance(dataset, PersistentDataset)
+    assert dataset[0]["image"].shape == nib.load(datalist[0]["image"]).shape
