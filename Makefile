@@ -13,7 +13,7 @@ TRAIN_OVERRIDES ?= --spacing "[1.2,1.2,2.5]" --patch_size "[64,64,32]" --channel
 	--strides "[2,2,2]" --patch_class_ratios "[1,1,3]" --max_epochs 100 --val_interval 10 --warmup_epochs 3 \
 	--learning_rate 0.003 --num_workers 2 --num_folds 4 --log_every_iteration False
 
-.PHONY: install test train lint clean
+.PHONY: install test train compare cv bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,24 @@ train: install
 		--meta_file bundles/unet3d/configs/metadata.json --logging_file bundles/unet3d/configs/logging.conf \
 		--dataset_dir $(TRAIN_DATA) --output_dir $(TRAIN_OUT) $(TRAIN_OVERRIDES)
 	@echo "metrics: $(TRAIN_OUT)/metrics.json  curve: $(TRAIN_OUT)/learning_curve.png"
+
+# 2D vs 3D on the same synthetic data and budget: runs/compare_2d_3d/comparison.{md,png}
+compare: install
+	$(PY) benchmarks/compare_2d_3d.py --output runs/compare_2d_3d
+
+# 4-fold cross-validation of the 3D bundle on the `make train` data: runs/make_cv_3d/report.md
+CV_OUT ?= runs/make_cv_3d
+CV_SET ?= spacing=[1.2,1.2,2.5] patch_size=[64,64,32] channels=[16,32,64,128] strides=[2,2,2] \
+	patch_class_ratios=[1,1,3] max_epochs=100 val_interval=10 warmup_epochs=3 learning_rate=0.003 num_workers=2 \
+	log_every_iteration=False
+cv: install
+	$(PY) -m custom_components.synthetic --out $(TRAIN_DATA) --cases $(TRAIN_CASES) --seed 0
+	$(PY) -m custom_components.kfold run --bundle bundles/unet3d --dataset_dir $(TRAIN_DATA) --folds 4 \
+		--output $(CV_OUT) --set $(CV_SET)
+
+# norms at batch 1/2/8 and skip connections on synthetic data (about 10 min on 2 CPU cores)
+bench: install
+	$(PY) benchmarks/norms_and_skips.py --out runs/bench_norms_and_skips
 
 lint: install  # ruff is part of the tests: CI fails on lint
 	$(VENV)/bin/ruff check .

@@ -1,8 +1,8 @@
 """Reading, checking and splitting an MSD-layout dataset, and sizing the dataset cache.
 
-Every check stops the run before training with one message that names the file and the fix: a bundle config
-calls the ``read_*`` wrappers, which turn a :class:`DatasetError` into a clean exit instead of a traceback
-from deep inside MONAI.
+The checks stop the run before training with one message that names every problem, its file and the fix: a
+bundle config calls the ``read_*`` wrappers, which turn a :class:`DatasetError` into a clean exit instead of a
+traceback from deep inside MONAI. ``python -m custom_components.prepare check`` runs the same per-case check.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,52 +67,222 @@ def _resolve(dataset_dir: Path, relative: str) -> Path:
     return path if path.is_absolute() else (dataset_dir / path).resolve()
 
 
-def _spatial_shape(header: Any, path: Path, spatial_dims: int) -> tuple[int, ...]:
-    """Spatial shape of an image; a 4th axis (several modalities in one file) is the channel axis."""
-    shape = tuple(int(n) for n in header.get_data_shape())
-    if len(shape) < spatial_dims:
-        raise DatasetError(f"{path} has shape {shape}, fewer than {spatial_dims} spatial axes: check the file")
-    return shape[:spatial_dims] if len(shape) > spatial_dims else shape
+GRID_TOLERANCE = 0.01  # image and label affines may differ by this fraction of the smallest voxel size
+SPACING_RANGE_MM = (0.01, 50.0)  # outside it the header is not in millimetres (metres, microns) or is broken
+CHECK_THREADS = 4  # cases read at once: decompression and disk reads overlap, memory stays bounded
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of one case: the file, what is wrong with it and the fix; ``fatal`` when the case is unusable."""
+
+    case: str
+    file: str
+    problem: str
+    fix: str
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.file} {self.problem}: {self.fix}"
+
+
+Report = Callable[..., None]
+
+
+def voxel_sizes(affine: np.ndarray, dims: int) -> np.ndarray:
+    """Voxel size in mm along the first ``dims`` voxel axes, from the affine as MONAI reads it (not pixdim)."""
+    return np.asarray(nib.affines.voxel_sizes(affine)[:dims], dtype=float)
+
+
+def _read(path: Path, report: Report) -> tuple[Any, np.ndarray] | None:
+    """The NIfTI image and its data array, or None after reporting why the file cannot be used."""
+    if not path.is_file():
+        report(path, "is listed in dataset.json but does not exist", "fix the entry or add the file")
+        return None
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        report(path, "is not NIfTI", "convert the dataset with `python -m custom_components.prepare convert`")
+        return None
+    try:
+        nii = nib.load(path)
+        return nii, np.asanyarray(nii.dataobj)
+    except Exception as err:  # nibabel and zlib raise several types for truncated or corrupt files
+        report(path, f"cannot be read as NIfTI ({err})", "re-export the file")
+        return None
+
+
+def _check_image(path: Path, nii: Any, data: np.ndarray, image_dims: int, channels: int, report: Report) -> bool:
+    """Shape, spacing and values of an image; True when its shape is usable (so the grid can be compared)."""
+    shape = tuple(nii.shape)
+    if 0 in shape:
+        report(path, f"is empty (shape {shape})", "re-export the image")
+        return False
+    extra = shape[image_dims:]
+    if len(shape) < image_dims or not ((extra == () and channels == 1) or extra == (channels,)):
+        layout = f"{image_dims}D" + (f" with the {channels} modalities on axis {image_dims}" if channels > 1 else "")
+        report(
+            path,
+            f"has shape {shape}, not {layout}",
+            f"the dataset is {image_dims}D (first image) with {channels} modality(ies) in dataset.json: "
+            "export this case the same way or fix 'modality'",
+        )
+        return False
+    spacing = voxel_sizes(nii.affine, image_dims)
+    low, high = SPACING_RANGE_MM
+    if not (np.all(np.isfinite(spacing)) and np.all((spacing >= low) & (spacing <= high))):
+        report(
+            path,
+            f"has voxel size {np.round(spacing, 6).tolist()} mm, outside the plausible {low}-{high} mm",
+            "the header is not in millimetres or is broken: rewrite the affine (voxel size) in mm",
+        )
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            report(path, f"has {bad} NaN or infinite voxels", "re-export the image, or replace them by its minimum")
+            return True
+    spatial = tuple(range(image_dims))
+    low_values, high_values = np.atleast_1d(data.min(axis=spatial)), np.atleast_1d(data.max(axis=spatial))
+    for channel in np.flatnonzero(low_values == high_values):
+        where = f" (channel {channel})" if channels > 1 else ""
+        report(path, f"is constant{where}: every voxel is {low_values[channel]}", "the export failed: re-export it")
+    return True
+
+
+def _check_label(path: Path, nii: Any, data: np.ndarray, image_dims: int, num_classes: int, report: Report) -> bool:
+    """Shape and values of a label map; True when its shape is usable (so the grid can be compared)."""
+    shape = tuple(nii.shape)
+    if 0 in shape:
+        report(path, f"is empty (shape {shape})", "re-export the label")
+        return False
+    if len(shape) < image_dims or shape[image_dims:] not in ((), (1,)):
+        report(
+            path,
+            f"has shape {shape}, not a {image_dims}D label map",
+            "store one integer class per voxel (not one-hot channels), on the image's grid",
+        )
+        return False
+    if np.issubdtype(data.dtype, np.floating):
+        fractional = data[~(np.isfinite(data) & (data == np.round(data)))]
+        if fractional.size:
+            report(
+                path,
+                f"has non-integer label values (e.g. {fractional.flat[0]})",
+                "the label was interpolated or saved as probabilities: re-export integer classes (nearest neighbour)",
+            )
+            return True
+    low, high = data.min(), data.max()
+    if low < 0 or high > num_classes - 1:
+        values = np.unique(data)
+        bad = values[(values < 0) | (values > num_classes - 1)]
+        report(
+            path,
+            f"has label values {bad.tolist()[:5]} outside 0..{num_classes - 1}",
+            "fix the label map or declare the classes in dataset.json 'labels'",
+        )
+    elif high == 0:
+        report(
+            path,
+            "has no foreground voxel (every value is 0)",
+            "check it is the right file: a case without foreground only teaches background",
+            fatal=False,
+        )
+    return True
+
+
+def _check_grid(image: Path, image_nii: Any, label: Path, label_nii: Any, image_dims: int, report: Report) -> None:
+    """Image and label on the same grid: shape, then voxel size, then origin and orientation (the whole affine)."""
+    image_shape, label_shape = image_nii.shape[:image_dims], label_nii.shape[:image_dims]
+    image_spacing, label_spacing = voxel_sizes(image_nii.affine, image_dims), voxel_sizes(label_nii.affine, image_dims)
+    tolerance = GRID_TOLERANCE * float(image_spacing.min())
+    resample = "resample the label onto the image (nearest neighbour)"
+    if image_shape != label_shape:
+        report(label, f"has shape {label_shape} but its image {image.name} has {image_shape}", resample)
+    elif np.abs(image_spacing - label_spacing).max() > tolerance:
+        report(
+            label,
+            f"has voxel size {np.round(label_spacing, 4).tolist()} but its image {image.name} has "
+            f"{np.round(image_spacing, 4).tolist()}",
+            f"{resample}, or copy the image's header if only the label's header is wrong",
+        )
+    else:
+        offset = float(np.abs(image_nii.affine[:3] - label_nii.affine[:3]).max())
+        if offset > tolerance:
+            report(
+                label,
+                f"has another origin or orientation than its image {image.name} (affines differ by {offset:.3g} mm)",
+                f"copy the image's affine to the label if it was drawn on this image, else {resample}",
+            )
+
+
+def check_case(image: Path, label: Path, num_classes: int, image_dims: int = 3, channels: int = 1) -> list[Problem]:
+    """Every problem of one training case, each file read once: the per-case check shared by training
+    (``check_datalist``) and ``python -m custom_components.prepare check``. See docs/prepare.md for the table."""
+    problems: list[Problem] = []
+    case = case_id(str(image))
+
+    def report(path: Path, problem: str, fix: str, fatal: bool = True) -> None:
+        problems.append(Problem(case, str(path), problem, fix, fatal))
+
+    image_read, label_read = _read(image, report), _read(label, report)
+    image_ok = image_read is not None and _check_image(image, *image_read, image_dims, channels, report)
+    label_ok = label_read is not None and _check_label(label, *label_read, image_dims, num_classes, report)
+    if image_ok and label_ok:
+        _check_grid(image, image_read[0], label, label_read[0], image_dims, report)
+    return problems
+
+
+def check_dataset(
+    description: dict[str, Any], dataset_dir: str | Path, num_classes: int, image_dims: int = 3
+) -> tuple[list[dict[str, str]], list[Problem]]:
+    """Check every training case and return the datalist with absolute paths and every problem of every case.
+
+    ``dataset.json`` must number its labels 0..N-1 (one network output per class). Cases are read in a few
+    threads: reading is bound by disk and decompression, which release the interpreter lock.
+    """
+    root = Path(dataset_dir)
+    datalist = [
+        {**item, "image": str(_resolve(root, item["image"])), "label": str(_resolve(root, item["label"]))}
+        for item in description["training"]
+    ]
+    problems = []
+    declared = set(description["labels"])
+    if declared != {str(value) for value in range(len(declared))}:
+        problems.append(
+            Problem(
+                "dataset.json",
+                str(root / "dataset.json"),
+                f"declares labels {sorted(declared)}, not 0..{len(declared) - 1}",
+                "number the classes 0 (background) to N-1 without gaps: the network has one output per class",
+            )
+        )
+    channels = len(description["modality"])
+    with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:
+        per_case = pool.map(
+            lambda item: check_case(Path(item["image"]), Path(item["label"]), num_classes, image_dims, channels),
+            datalist,
+        )
+        problems += [problem for case_problems in per_case for problem in case_problems]
+    return datalist, problems
 
 
 def check_datalist(
     description: dict[str, Any], dataset_dir: str | Path, num_classes: int, spatial_dims: int = 3
 ) -> list[dict[str, str]]:
-    """Check every training case and return the datalist with absolute paths.
+    """Check every training case (``check_dataset``) and return the datalist with absolute paths.
 
-    Checks: the files exist and are NIfTI, image and label share the spatial shape, and label values lie in
-    ``0..num_classes-1``. The first problem found stops the run with the file named.
+    ``spatial_dims`` is that of the images (2: native 2D images, 3: volumes). Warnings are logged; if any case
+    is unusable, one ``DatasetError`` lists every problem of every case, each with its file and fix.
     """
-    root = Path(dataset_dir)
-    datalist = []
-    for item in description["training"]:
-        image, label = _resolve(root, item["image"]), _resolve(root, item["label"])
-        for path in (image, label):
-            if not path.is_file():
-                raise DatasetError(f"{path} is listed in {root / 'dataset.json'} but does not exist: fix the entry")
-            if not path.name.endswith(NIFTI_SUFFIXES):
-                raise DatasetError(
-                    f"{path} is not NIfTI: convert it with `python -m custom_components.prepare convert`"
-                )
-        try:
-            image_nii, label_nii = nib.load(image), nib.load(label)
-        except Exception as err:  # nibabel raises several types for corrupt files
-            raise DatasetError(f"{image} or {label} cannot be read as NIfTI ({err}): re-export the file") from err
-        image_shape = _spatial_shape(image_nii.header, image, spatial_dims)
-        label_shape = _spatial_shape(label_nii.header, label, spatial_dims)
-        if image_shape != label_shape:
-            raise DatasetError(
-                f"{label} has shape {label_shape} but its image {image} has {image_shape}: "
-                "image and label must be on the same grid (resample the label onto the image)"
-            )
-        values = np.unique(np.asarray(label_nii.dataobj))
-        bad = values[(values < 0) | (values > num_classes - 1) | (values != np.round(values))]
-        if bad.size:
-            raise DatasetError(
-                f"{label} has label values {bad.tolist()[:5]} outside 0..{num_classes - 1}: "
-                f"fix the label map or declare the classes in {root / 'dataset.json'} 'labels'"
-            )
-        datalist.append({**item, "image": str(image), "label": str(label)})
+    datalist, problems = check_dataset(description, dataset_dir, num_classes, spatial_dims)
+    for problem in problems:
+        if not problem.fatal:
+            logger.warning("%s", problem)
+    errors = [problem for problem in problems if problem.fatal]
+    if errors:
+        cases = len({problem.case for problem in errors})
+        raise DatasetError(
+            f"{cases} of {len(datalist)} cases cannot be used (`python -m custom_components.prepare check "
+            f"{dataset_dir}` prints them as a table):\n" + "\n".join(str(problem) for problem in errors)
+        )
     return datalist
 
 
@@ -192,8 +364,10 @@ def estimate_cache_bytes(
             header = nib.load(item[key]).header
             shape = np.asarray(header.get_data_shape(), dtype=float)
             zooms = np.asarray(header.get_zooms(), dtype=float)
-            dims = len(spacing) if spacing is not None else min(3, len(shape))
-            voxels = np.prod(shape[:dims] * (zooms[:dims] / np.asarray(spacing) if spacing is not None else 1.0))
+            dims = min(3, len(shape))  # a 4th axis holds modalities
+            target = np.asarray(spacing[:dims] if spacing is not None else zooms[:dims], dtype=float)
+            target = np.where(target > 0, target, zooms[:dims])  # non-positive: keep the native spacing, as Spacingd
+            voxels = np.prod(shape[:dims] * zooms[:dims] / target)
             channels = np.prod(shape[dims:]) if len(shape) > dims else 1
             total += int(voxels * channels * 4)
     return total
@@ -228,3 +402,38 @@ def make_dataset(
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         return PersistentDataset(data=data, transform=transform, cache_dir=cache_dir)
     return CacheDataset(data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers or None)
+
+
+def image_spatial_dims(path: str | Path) -> int:
+    """2 for a 2D image, 3 for a volume (a 4th NIfTI axis holds modalities); read from the header only."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist: fix the path")
+    try:
+        shape = nib.load(path).shape
+    except Exception as err:  # nibabel raises several types for unreadable files
+        raise DatasetError(f"{path} cannot be read as NIfTI ({err}): re-export the file") from err
+    return 2 if len(shape) == 2 else 3
+
+
+def first_image_dims(description: dict[str, Any], dataset_dir: str | Path) -> int:
+    """Spatial dimensions of a dataset, from its first training image: decides 2D-native or volume handling."""
+    return image_spatial_dims(_resolve(Path(dataset_dir), description["training"][0]["image"]))
+
+
+def list_images(source: str | Path) -> list[dict[str, str]]:
+    """Inference inputs: one NIfTI file, or every NIfTI file of a folder, as ``[{"image": path}]``."""
+    path = Path(source)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+    else:
+        raise DatasetError(f"input_dir {path} does not exist: pass --input_dir with a NIfTI file or a folder of them")
+    if not files:
+        raise DatasetError(f"input_dir {path} holds no .nii or .nii.gz file: pass a folder of NIfTI images")
+    return [{"image": str(f.resolve())} for f in files]
+
+
+read_image_dims = _exit_on_dataset_error(first_image_dims)
+read_images = _exit_on_dataset_error(list_images)

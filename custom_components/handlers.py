@@ -23,6 +23,11 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 
+def unwrap(obj: Any) -> Any:
+    """The model inside a DistributedDataParallel (or DataParallel) wrapper, so saved weights load anywhere."""
+    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel) else obj
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, so a reader never sees half a file."""
     path = Path(path)
@@ -58,10 +63,11 @@ class ResumableCheckpoint:
     cycle) and name each epoch's file differently. A larger ``max_epochs`` than the checkpoint's extends the run.
     """
 
-    def __init__(self, path: str | Path, objects: Mapping[str, Any], enabled: bool = True) -> None:
+    def __init__(self, path: str | Path, objects: Mapping[str, Any], enabled: bool = True, save: bool = True) -> None:
         self.path = Path(path)
-        self.objects = dict(objects)
+        self.objects = {name: unwrap(obj) for name, obj in objects.items()}
         self.enabled = enabled
+        self.save_enabled = save  # False in all but one process of a distributed run: all resume, one writes
 
     def attach(self, engine: Engine) -> None:
         if self.enabled:
@@ -70,7 +76,7 @@ class ResumableCheckpoint:
     def _save_last(self, engine: Engine) -> None:
         """Register the save when the run starts, after every handler was attached: it then runs last at each
         epoch end, once validation, the report and the schedule step are done, so the file is a whole epoch."""
-        if not engine.has_event_handler(self.save, Events.EPOCH_COMPLETED):
+        if self.save_enabled and not engine.has_event_handler(self.save, Events.EPOCH_COMPLETED):
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def _with_engine(self, engine: Engine) -> dict[str, Any]:
@@ -112,7 +118,7 @@ class TrainingReport:
     ) -> None:
         self.output_dir = Path(output_dir)
         self.evaluator = evaluator
-        self.network = network
+        self.network = unwrap(network)
         self.class_names = list(class_names)
         self.key_metric = key_metric
         self.per_class_metric = per_class_metric
@@ -244,3 +250,12 @@ class TrainingReport:
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
         atomic_write_bytes(self.output_dir / "learning_curve.png", buffer.getvalue())
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` in every process of a distributed run (e.g. one timestamped output folder for all)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,9 +1,10 @@
-"""Intensity normalisation chosen by one config key, built from MONAI transforms."""
+"""Transforms the bundles select by config key: intensity normalisation, and 2D/2.5D slices from volumes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai.transforms import Compose, MapTransform, NormalizeIntensityd, ScaleIntensityRanged, ThresholdIntensityd
 
 INTENSITY_SCHEMES = ("ct_window", "ct_zscore", "zscore")
@@ -41,3 +42,42 @@ def intensity_transform(
     if scheme == "zscore":
         return NormalizeIntensityd(keys, nonzero=True, channel_wise=True)
     raise ValueError(f"unknown intensity scheme {scheme!r}: choose one of {INTENSITY_SCHEMES}")
+
+
+def slab_size(patch_size: Sequence[int], slice_axis: int) -> list[int]:
+    """The 3D crop that yields a 2D ``patch_size`` patch: one voxel thick across ``slice_axis``."""
+    size = list(patch_size)
+    size.insert(slice_axis, 1)
+    return size
+
+
+class SliceContextd(MapTransform):
+    """2.5D input: stack ``context_slices`` neighbouring slices on each side of every slice as extra channels.
+
+    A volume of shape (C, H, W, D) becomes (C * (2k + 1), H, W, D), channel order: slice -k .. +k for each input
+    channel; edges repeat the border slice. Applied to the whole volume before patch sampling, so that a 2D patch
+    cut from one slice, and slice-by-slice inference, both carry their neighbours.
+    """
+
+    def __init__(self, keys: str | Sequence[str], context_slices: int, slice_axis: int = 2) -> None:
+        super().__init__(keys)
+        if context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, got {context_slices}")
+        self.context_slices = context_slices
+        self.slice_axis = slice_axis
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        if self.context_slices == 0:
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            axis = self.slice_axis + 1  # spatial axis -> tensor axis after the channel axis
+            depth = image.shape[axis]
+            index = torch.arange(depth, device=image.device)
+            shifted = [
+                image.index_select(axis, (index + offset).clamp(0, depth - 1))
+                for offset in range(-self.context_slices, self.context_slices + 1)
+            ]
+            d[key] = torch.stack(shifted, dim=1).flatten(0, 1)  # (C, 2k+1, ...) -> (C * (2k+1), ...)
+        return d

@@ -1,0 +1,89 @@
+"""``python -m custom_components.kfold run|report|predict``: cross-validate a bundle, report it, use its ensemble."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from custom_components.data import DatasetError
+from custom_components.kfold.bundle import parse_set
+from custom_components.kfold.ensemble import predict
+from custom_components.kfold.report import write_report
+from custom_components.kfold.runner import run_cv
+from custom_components.kfold.splits import KFoldError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m custom_components.kfold", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="split, train and score every fold, then write the report")
+    run.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/unet3d")
+    run.add_argument("--dataset_dir", required=True, help="MSD-layout folder with dataset.json")
+    run.add_argument("--output", required=True, help="run folder; an existing one is resumed")
+    run.add_argument("--folds", type=int, help="folds per repeat; the number of cases is leave-one-out")
+    run.add_argument(
+        "--stratify",
+        default="auto",
+        help="auto: classes present and foreground size from the label maps; none; or a dataset.json field",
+    )
+    run.add_argument("--group", help="dataset.json field whose cases stay on one side of every split (a patient)")
+    run.add_argument("--repeats", type=int, default=1, help="K-fold repeated with seeds seed, seed+1, ...")
+    run.add_argument("--seed", type=int, default=0, help="seed of the splits and of each fold's training")
+    run.add_argument("--parallel", type=int, default=1, help="folds at once (one GPU each where there are several)")
+    run.add_argument("--splits_file", help="nnU-Net splits_final.json to use as is instead of making splits")
+    run.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="bundle keys for every fold")
+    run.add_argument("--cv_threshold", type=float, default=0.1, help="largest fold-Dice CV called stable (0.1 = 10%%)")
+
+    report = commands.add_parser("report", help="(re)write report.json, report.md and the plots of a run")
+    report.add_argument("output", help="the run folder")
+    report.add_argument("--cv_threshold", type=float, default=0.1, help="largest fold-Dice CV called stable")
+
+    ensemble = commands.add_parser("predict", help="segment images with the fold models' averaged softmax")
+    ensemble.add_argument("output", help="the run folder")
+    ensemble.add_argument("--images", nargs="+", required=True, help="NIfTI files or folders of them")
+    ensemble.add_argument("--out", required=True, help="folder for the label maps (<case id>.nii.gz)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; a bad request ends with ``error: ...`` naming the option and the fix, not a traceback."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[kfold] %(levelname)s: %(message)s")
+    try:
+        if args.command == "run":
+            report = run_cv(
+                args.bundle,
+                args.dataset_dir,
+                args.output,
+                args.folds,
+                seed=args.seed,
+                stratify=args.stratify,
+                group=args.group,
+                repeats=args.repeats,
+                parallel=args.parallel,
+                overrides=parse_set(args.set),
+                splits_file=args.splits_file,
+                cv_threshold=args.cv_threshold,
+            )
+        elif args.command == "report":
+            report = write_report(args.output, args.cv_threshold)
+        else:
+            written = predict(args.output, args.images, args.out)
+            print(f"wrote {len(written)} label map(s) to {args.out}")
+            return 0
+    except (KFoldError, DatasetError) as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: start the same command again to resume")
+    print(report["verdict"]["text"])
+    print(f"report: {args.output}/report.md")
+    if report["failed"]:
+        print(f"failed folds: {', '.join(report['failed'])} (their logs are in their folders)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Every fold of a cross-validation through the bundle's own ``monai.bundle`` command: resumable, in parallel.
+
+Each fold runs ``train_evaluate`` of train.yaml + evaluate.yaml in its own folder (``fold`` / ``splits_file`` /
+``output_dir`` overridden) with its own log: training, then the evaluate overlay scoring the best model on the
+fold's validation cases. A fold counts as finished once it has trained ``max_epochs`` and been scored; a run
+started again skips finished folds, and the bundle resumes unfinished ones from their ``checkpoint_last.pt``.
+A failed fold is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import queue
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from custom_components.data import check_datalist, load_dataset_json
+from custom_components.handlers import atomic_write_json
+from custom_components.kfold.bundle import Bundle
+from custom_components.kfold.ensemble import score_test_cases
+from custom_components.kfold.layout import (
+    CASES_FILE,
+    FAILED_FILE,
+    IDENTITY,
+    SPLITS_FILE,
+    STATE_FILE,
+    Fold,
+    fold_finished,
+    fold_layout,
+)
+from custom_components.kfold.report import write_report
+from custom_components.kfold.splits import KFoldError, describe_cases, load_splits, make_splits
+
+logger = logging.getLogger(__name__)
+
+# Fold logs are files: no progress-bar redraws in them unless the user asks (--set progress_bar=True).
+FOLD_DEFAULTS = {"progress_bar": "False"}
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (its affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA device ids the folds may use, as CUDA_VISIBLE_DEVICES would name them."""
+    count = torch.cuda.device_count()
+    listed = [gpu.strip() for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
+
+
+def fold_environment(slot: int, parallel: int, cpus: int, gpus: Sequence[str]) -> dict[str, str]:
+    """Environment variables for the fold running in ``slot`` of ``parallel``.
+
+    Several GPUs: one per fold (round robin). Otherwise, with folds in parallel, each gets an equal share of the
+    CPU threads, so that N PyTorch processes do not each start one thread per core.
+    """
+    if len(gpus) > 1:
+        return {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]}
+    if parallel > 1:
+        threads = str(max(1, cpus // parallel))
+        return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    return {}
+
+
+def fold_overrides(state: Mapping[str, Any], output: Path, fold: Fold) -> dict[str, str]:
+    """The bundle keys of one fold: the user's ``--set`` pairs plus this fold's split, folder and seed."""
+    return {
+        **FOLD_DEFAULTS,
+        **state["overrides"],
+        "dataset_dir": state["dataset_dir"],
+        "output_dir": str(fold.path),
+        "fold": str(fold.index),
+        "splits_file": str(output / SPLITS_FILE),
+        "seed": str(state["seed"] + fold.repeat),
+    }
+
+
+def _run_logged(command: list[str], log: Path, cwd: Path, env: Mapping[str, str]) -> int:
+    """Run ``command`` with its output appended to ``log`` under a dated header; its exit status."""
+    with open(log, "a") as handle:
+        handle.write(f"=== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {shlex.join(command)}\n")
+        handle.flush()
+        return subprocess.run(command, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def run_fold(bundle: Bundle, state: Mapping[str, Any], output: Path, fold: Fold, env: Mapping[str, str]) -> str | None:
+    """Train one fold (resuming it if it was interrupted) and score it; an error message, or None if it finished."""
+    fold.path.mkdir(parents=True, exist_ok=True)
+    (fold.path / FAILED_FILE).unlink(missing_ok=True)
+    log = fold.path / "fold.log"
+    logger.info("%s: training and scoring (log: %s)", fold.name, log)
+    command = bundle.command("train_evaluate", fold_overrides(state, output, fold), overlays=("evaluate",))
+    returncode = _run_logged(command, log, bundle.root, env)
+    if returncode != 0:
+        atomic_write_json({"returncode": returncode, "log": str(log)}, fold.path / FAILED_FILE)
+        return f"{fold.name}: exited with status {returncode}; see {log}"
+    return None
+
+
+def run_folds(
+    bundle: Bundle, state: Mapping[str, Any], output: Path, folds: Sequence[Fold], parallel: int
+) -> list[str]:
+    """Run the unfinished folds, ``parallel`` at a time; the error messages of those that failed."""
+    todo = [fold for fold in folds if not fold_finished(fold.path, state["max_epochs"])]
+    for fold in folds:
+        if fold not in todo:
+            logger.info("%s: already finished, skipped", fold.name)
+    gpus, cpus = visible_gpus(), available_cpus()
+    if gpus and parallel > len(gpus):
+        logger.warning("--parallel %d: %d folds will share %d GPU(s)", parallel, parallel, len(gpus))
+    elif parallel > cpus:
+        logger.warning("--parallel %d exceeds the %d CPU cores: each fold gets a single thread", parallel, cpus)
+    slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for slot in range(parallel):
+        slots.put(slot)
+
+    def work(fold: Fold) -> str | None:
+        slot = slots.get()
+        try:
+            env = {**os.environ, **fold_environment(slot, parallel, cpus, gpus)}
+            return run_fold(bundle, state, output, fold, env)
+        finally:
+            slots.put(slot)
+
+    failures = []
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=len(folds), initial=len(folds) - len(todo), desc="folds", unit="fold") as progress,
+        ThreadPoolExecutor(max_workers=parallel) as pool,
+    ):
+        futures = {pool.submit(work, fold): fold for fold in todo}
+        for future in as_completed(futures):
+            error = future.result()
+            if error:
+                logger.error("%s", error)
+                failures.append(error)
+            else:
+                logger.info("%s: finished", futures[future].name)
+            progress.update()
+    return failures
+
+
+def _check_identity(path: Path, state: Mapping[str, Any]) -> None:
+    """A run started again must use the options it was started with; name those that differ."""
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+
+    def option(key: str, value: Any) -> str:
+        if key == "overrides":
+            return "--set " + (" ".join(f"{k}={v}" for k, v in value.items()) or "(none)")
+        return f"--{key} {value}" if value is not None else f"--{key} not given"
+
+    changed = [
+        f"{option(key, previous.get(key))} (now {option(key, state[key])})"
+        for key in IDENTITY
+        if previous.get(key) != state[key]
+    ]
+    if changed:
+        raise KFoldError(
+            f"{path.parent} was started with other options: {', '.join(changed)}. Pass the same options to resume "
+            "it, or a new --output for a new cross-validation"
+        )
+
+
+def prepare(
+    bundle: Bundle,
+    dataset_dir: Path,
+    output: Path,
+    folds: int | None,
+    seed: int,
+    stratify: str,
+    group: str | None,
+    repeats: int,
+    overrides: Mapping[str, str],
+    splits_file: Path | None,
+) -> dict[str, Any]:
+    """Check the dataset and the request, then write ``kfold.json``, ``cases.json`` and ``splits.json``.
+
+    Runs before any training, so that a bad dataset or an impossible split stops the run with a message. A
+    folder started before keeps its cases and splits (and must be resumed with the same options).
+    """
+    description = load_dataset_json(dataset_dir)
+    keys = ("num_classes", "in_channels", "data#image_dims", "max_epochs", "val_interval", "data#class_names")
+    parsed = bundle.parsed({**overrides, "dataset_dir": str(dataset_dir)}, keys)
+    if parsed["val_interval"] > parsed["max_epochs"]:
+        raise KFoldError(
+            f"val_interval {parsed['val_interval']} > max_epochs {parsed['max_epochs']}: no fold would ever validate, "
+            "so none would write the model.pt that is scored; lower val_interval with --set"
+        )
+    datalist = check_datalist(description, dataset_dir, parsed["num_classes"], parsed["data#image_dims"])
+    state = {
+        "bundle": str(bundle.path),
+        "dataset_dir": str(dataset_dir),
+        "folds": folds,
+        "repeats": repeats,
+        "seed": seed,
+        "stratify": stratify,
+        "group": group,
+        "splits_file": str(splits_file) if splits_file else None,
+        "overrides": dict(overrides),
+        "class_names": list(parsed["data#class_names"]),
+        "num_classes": int(parsed["num_classes"]),
+        "in_channels": int(parsed["in_channels"]),
+        "image_dims": int(parsed["data#image_dims"]),
+        "max_epochs": int(parsed["max_epochs"]),
+    }
+    _check_identity(output / STATE_FILE, state)
+    cases_path, splits_path = output / CASES_FILE, output / SPLITS_FILE
+    if cases_path.is_file():
+        cases = json.loads(cases_path.read_text())
+    else:
+        cases = describe_cases(datalist, state["class_names"], state["image_dims"])
+    if splits_path.is_file():
+        splits = json.loads(splits_path.read_text())
+    elif splits_file:
+        splits = load_splits(splits_file, [case["case"] for case in cases])
+    else:
+        if folds is None:
+            raise KFoldError("--folds is required unless --splits_file gives the splits")
+        splits = make_splits(
+            cases, folds, seed, stratify, group, repeats, state["class_names"], dataset_dir / "dataset.json"
+        )
+    fold_count = folds or len(splits)
+    if len(splits) % fold_count:
+        raise KFoldError(
+            f"{splits_file or splits_path} has {len(splits)} splits, not a multiple of --folds {fold_count}: pass "
+            "--folds with the number of folds per repeat"
+        )
+    state["fold_count"] = fold_count
+    state["split_count"] = len(splits)
+    atomic_write_json(state, output / STATE_FILE)
+    atomic_write_json(cases, cases_path)
+    atomic_write_json(splits, splits_path)
+    return state
+
+
+def run_cv(
+    bundle: str | Path,
+    dataset_dir: str | Path,
+    output: str | Path,
+    folds: int | None = None,
+    *,
+    seed: int = 0,
+    stratify: str = "auto",
+    group: str | None = None,
+    repeats: int = 1,
+    parallel: int = 1,
+    overrides: Mapping[str, str] | None = None,
+    splits_file: str | Path | None = None,
+    cv_threshold: float = 0.1,
+) -> dict[str, Any]:
+    """Cross-validate a bundle on a dataset: splits, every fold trained and scored, the ensemble, the report.
+
+    Returns the report (also written as ``report.json`` / ``report.md``); its ``failed`` list names the folds that
+    did not finish. Starting it again on the same ``output`` resumes it.
+    """
+    if parallel < 1:
+        raise KFoldError(f"--parallel {parallel}: run at least one fold at a time")
+    found = Bundle.find(bundle, overlays=("evaluate",))
+    output = Path(output).resolve()
+    state = prepare(
+        found,
+        Path(dataset_dir).resolve(),
+        output,
+        folds,
+        seed,
+        stratify,
+        group,
+        repeats,
+        dict(overrides or {}),
+        Path(splits_file).resolve() if splits_file else None,
+    )
+    layout = fold_layout(output, state["fold_count"], state["split_count"])
+    failures = run_folds(found, state, output, layout, parallel)
+    if len(failures) < len(layout):
+        score_test_cases(output)
+    return write_report(output, cv_threshold)

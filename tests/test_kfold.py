@@ -1,0 +1,293 @@
+"""K-fold cross-validation: the splits' guarantees, and a real 3-fold run through the user's command.
+
+The real run is killed once its first fold is finished and started again, as a lost job would be; the tests
+after it read what the resumed run left: which folds trained again, the report, and the ensemble.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom_components.kfold.bundle import Bundle
+from custom_components.kfold.report import bootstrap_ci, spread
+from custom_components.kfold.runner import fold_environment, prepare
+from custom_components.kfold.splits import KFoldError, describe_cases, load_splits, make_splits
+from custom_components.synthetic import write_dataset
+from tests.conftest import REPO, SMALL_3D
+
+CLASSES = ["organ", "lesion"]
+DATASET_JSON = Path("dataset.json")  # only named in error messages by the splitter
+KFOLD = [sys.executable, "-m", "custom_components.kfold"]
+
+
+def _val_folds(splits: list[dict]) -> dict[str, int]:
+    """Case id -> index of the split that validates it (each case once per repeat)."""
+    return {case: index for index, split in enumerate(splits) for case in split["val"]}
+
+
+def _label_cases(folder: Path, lesion_cases: set[int], count: int) -> list[dict]:
+    """Tiny label maps on disk: every case has an organ of its own size, only ``lesion_cases`` a lesion."""
+    folder.mkdir(parents=True, exist_ok=True)
+    datalist = []
+    for index in range(count):
+        label = np.zeros((12, 12, 4), dtype=np.uint8)
+        label[: 2 + index % 9, :6] = 1  # foreground sizes differ: the size strata have something to balance
+        if index in lesion_cases:
+            label[1, 1, 1] = 2
+        path = folder / f"case_{index:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(label, np.diag([1.0, 1.0, 2.0, 1.0])), path)
+        datalist.append({"image": str(path), "label": str(path)})
+    return describe_cases(datalist, CLASSES, image_dims=3)
+
+
+def test_auto_stratification_puts_the_rare_class_in_every_fold(tmp_path: Path) -> None:
+    cases = _label_cases(tmp_path, lesion_cases={0, 4, 7}, count=9)
+    assert [case["classes"] for case in cases[:2]] == [["organ", "lesion"], ["organ"]]
+    rare = [case["case"] for case in cases if "lesion" in case["classes"]]
+    for seed in range(10):
+        folds = _val_folds(make_splits(cases, 3, seed, "auto", None, 1, CLASSES, DATASET_JSON))
+        assert sorted(folds[case] for case in rare) == [0, 1, 2], seed
+    # without stratification a random split puts two of them together for some seed: the check above has teeth
+    unstratified = [
+        _val_folds(make_splits(cases, 3, seed, "none", None, 1, CLASSES, DATASET_JSON)) for seed in range(10)
+    ]
+    assert any(len({folds[case] for case in rare}) < 3 for folds in unstratified)
+
+    more = _label_cases(tmp_path / "more", lesion_cases={0, 2, 4, 7, 8}, count=12)
+    rare = [case["case"] for case in more if "lesion" in case["classes"]]
+    for seed in range(10):
+        folds = _val_folds(make_splits(more, 3, seed, "auto", None, 1, CLASSES, DATASET_JSON))
+        assert sorted(np.bincount([folds[case] for case in rare], minlength=3)) == [1, 2, 2], seed
+
+
+def _patient_cases(sizes: list[int], site_of: str = "AB") -> list[dict]:
+    """Cases of patients with several scans each (``sizes``), alternating over sites."""
+    cases = []
+    for patient, size in enumerate(sizes):
+        for scan in range(size):
+            index = len(cases)
+            cases.append(
+                {
+                    "case": f"p{patient}_s{scan}",
+                    "patient": f"p{patient}",
+                    "site": site_of[index % len(site_of)],
+                    "classes": ["organ"],
+                    "foreground_size": 100.0 + index,
+                }
+            )
+    return cases
+
+
+@pytest.mark.parametrize("stratify", ["auto", "site", "none"])
+def test_groups_are_never_split(stratify: str) -> None:
+    cases = _patient_cases([3, 2, 2, 1, 1, 1, 2, 1, 1])
+    patient = {case["case"]: case["patient"] for case in cases}
+    for seed in range(5):
+        splits = make_splits(cases, 3, seed, stratify, "patient", 2, CLASSES, DATASET_JSON)
+        assert len(splits) == 6
+        for split in splits:
+            assert not {patient[c] for c in split["train"]} & {patient[c] for c in split["val"]}
+            assert sorted(split["train"] + split["val"]) == sorted(patient)
+        for repeat in (splits[:3], splits[3:]):
+            assert sorted(c for split in repeat for c in split["val"]) == sorted(patient)
+
+
+def test_splits_are_fixed_by_the_seed() -> None:
+    cases = _patient_cases([1] * 10)
+    first = make_splits(cases, 5, 3, "auto", None, 1, CLASSES, DATASET_JSON)
+    assert make_splits(cases, 5, 3, "auto", None, 1, CLASSES, DATASET_JSON) == first
+    assert make_splits(cases, 5, 4, "auto", None, 1, CLASSES, DATASET_JSON) != first
+    repeated = make_splits(cases, 5, 3, "auto", None, 2, CLASSES, DATASET_JSON)
+    assert repeated[:5] == first and repeated[5:] != first  # repeat r is drawn with seed + r
+
+
+def test_site_stratification_spreads_every_site() -> None:
+    cases = _patient_cases([1] * 9, site_of="AAAAAABBB")  # 6 cases of site A, 3 of site B
+    site_of = {case["case"]: case["site"] for case in cases}
+    for seed in range(5):
+        splits = make_splits(cases, 3, seed, "site", None, 1, CLASSES, DATASET_JSON)
+        assert [sorted(site_of[c] for c in split["val"]) for split in splits] == [["A", "A", "B"]] * 3
+
+
+def test_leave_one_out(caplog: pytest.LogCaptureFixture) -> None:
+    cases = _patient_cases([1] * 6)
+    with caplog.at_level(logging.WARNING):
+        splits = make_splits(cases, 6, 0, "auto", None, 3, CLASSES, DATASET_JSON)
+    assert len(splits) == 6  # the same folds for every seed: repeated once, with a warning
+    assert "leave-one-out" in caplog.text
+    assert all(len(split["val"]) == 1 and len(split["train"]) == 5 for split in splits)
+    assert sorted(split["val"][0] for split in splits) == sorted(case["case"] for case in cases)
+
+
+def test_impossible_requests_fail_before_training(caplog: pytest.LogCaptureFixture) -> None:
+    cases = _patient_cases([2, 2, 1])
+    with pytest.raises(KFoldError, match=r"--folds 6 but dataset.json lists 5 training cases: use --folds 5"):
+        make_splits(cases, 6, 0, "auto", None, 1, CLASSES, DATASET_JSON)
+    with pytest.raises(KFoldError, match=r"--group patient makes 3 groups, fewer than --folds 4"):
+        make_splits(cases, 4, 0, "auto", "patient", 1, CLASSES, DATASET_JSON)
+    with pytest.raises(KFoldError, match=r"--stratify scanner: 5 training entries .* have no 'scanner' field"):
+        make_splits(cases, 2, 0, "scanner", None, 1, CLASSES, DATASET_JSON)
+    with caplog.at_level(logging.WARNING):  # safe fallback: split anyway, say which folds lack the class
+        make_splits(cases, 2, 0, "auto", None, 1, CLASSES, DATASET_JSON)
+    assert "class lesion is in no case" in caplog.text
+    for case in cases[:2]:  # lesions in two scans of one patient: one fold at most can validate on them
+        case["classes"] = ["organ", "lesion"]
+    with caplog.at_level(logging.WARNING):
+        splits = make_splits(cases, 2, 0, "auto", "patient", 1, CLASSES, DATASET_JSON)
+    assert "class lesion is in only 1 'patient' group(s), fewer than the 2 folds: 1 fold(s) validate without it" in (
+        caplog.text
+    )
+    assert [sum(c in ("p0_s0", "p0_s1") for c in split["val"]) for split in splits] in ([2, 0], [0, 2])
+
+
+def test_given_splits_file_is_used_as_is(tmp_path: Path) -> None:
+    dataset = write_dataset(tmp_path / "data", cases=4, seed=2, shape=(24, 24, 8))
+    given = [
+        {"train": ["case_000", "case_001"], "val": ["imagesTr/case_002.nii.gz", "case_003"]},
+        {"train": ["case_002", "case_003"], "val": ["case_000", "case_001"]},
+    ]
+    (tmp_path / "given.json").write_text(json.dumps(given))
+    output = tmp_path / "cv"
+    bundle = Bundle.find(REPO / "bundles/unet3d", overlays=("evaluate",))
+    state = prepare(bundle, dataset, output, None, 0, "auto", None, 1, {}, tmp_path / "given.json")
+    assert state["fold_count"] == 2 and state["split_count"] == 2
+    written = json.loads((output / "splits.json").read_text())
+    assert written == [{**given[0], "val": ["case_002", "case_003"]}, given[1]]  # paths reduced to case ids
+    assert [case["case"] for case in json.loads((output / "cases.json").read_text())] == [
+        f"case_00{i}" for i in range(4)
+    ]
+
+    with pytest.raises(KFoldError, match="fold 0 names cases not in dataset.json: \\['case_999'\\]"):
+        load_splits(_write(tmp_path / "bad.json", [{"train": ["case_999"], "val": ["case_000"]}]), ["case_000"])
+    with pytest.raises(KFoldError, match="started with other options: --folds not given \\(now --folds 3\\)"):
+        prepare(bundle, dataset, output, 3, 0, "auto", None, 1, {}, tmp_path / "given.json")
+
+
+def _write(path: Path, content: object) -> Path:
+    path.write_text(json.dumps(content))
+    return path
+
+
+def test_parallel_folds_share_the_machine() -> None:
+    assert fold_environment(slot=3, parallel=4, cpus=16, gpus=["0", "1"]) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert fold_environment(slot=1, parallel=3, cpus=8, gpus=[]) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert fold_environment(slot=1, parallel=4, cpus=2, gpus=["0"]) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert fold_environment(slot=0, parallel=1, cpus=8, gpus=[]) == {}
+
+
+def test_spread_and_bootstrap_interval() -> None:
+    stats = spread([0.6, 0.8, 1.0])
+    assert stats["mean"] == pytest.approx(0.8) and stats["std"] == pytest.approx(0.2)
+    assert stats["cv"] == pytest.approx(0.25)
+    values = np.random.default_rng(0).uniform(0.5, 0.9, 40)
+    low, high = bootstrap_ci(values)
+    assert low < values.mean() < high and high - low < 0.1
+    assert bootstrap_ci(values) == [low, high]  # seeded: the same interval every time
+    assert bootstrap_ci([0.5]) is None
+
+
+# --- a real cross-validation: 6 training cases, 2 labelled test cases, 3 folds of 2 epochs ----------------------
+FOLD_OVERRIDES = {**{k: v for k, v in SMALL_3D.items() if k != "num_folds"}, "max_epochs": "2", "val_interval": "2"}
+
+
+@pytest.fixture(scope="module")
+def cross_validation(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The user's `kfold run`, killed with its fold process once fold 0 is finished and fold 1 has trained one
+    epoch, then started again."""
+    root = tmp_path_factory.mktemp("kfold")
+    dataset = write_dataset(root / "data", cases=8, seed=1, shape=(48, 48, 20))
+    description = json.loads((dataset / "dataset.json").read_text())
+    description["training"], description["test"] = description["training"][:6], description["training"][6:]
+    (dataset / "dataset.json").write_text(json.dumps(description))
+    output = root / "cv"
+    command = [*KFOLD, "run", "--bundle", "bundles/unet3d", "--dataset_dir", str(dataset), "--folds", "3"]
+    command += ["--output", str(output), "--set", *[f"{k}={v}" for k, v in FOLD_OVERRIDES.items()]]
+
+    first = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    fold1_checkpoint = output / "fold_1" / "checkpoint_last.pt"
+    while not fold1_checkpoint.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # the run and the fold it is training, like a lost job
+    first.wait()
+    assert fold1_checkpoint.exists(), "fold 1 did not train an epoch before the deadline"
+    assert (output / "fold_0" / "evaluation" / "evaluation.json").exists()
+    assert not (output / "fold_1" / "evaluation" / "evaluation.json").exists(), "fold 1 ended before the kill"
+    fold0 = output / "fold_0"
+    before = {name: (fold0 / name).stat().st_mtime_ns for name in ("model.pt", "metrics.json", "fold.log")}
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    return SimpleNamespace(dataset=dataset, output=output, fold0_before=before, log=second.stdout + second.stderr)
+
+
+def test_restart_skips_finished_folds_and_resumes_the_interrupted_one(cross_validation: SimpleNamespace) -> None:
+    output, fold0 = cross_validation.output, cross_validation.output / "fold_0"
+    assert "fold_0: already finished, skipped" in cross_validation.log
+    assert "fold_0: training" not in cross_validation.log
+    assert {n: (fold0 / n).stat().st_mtime_ns for n in cross_validation.fold0_before} == cross_validation.fold0_before
+    assert "resumed from" in (output / "fold_1" / "fold.log").read_text()  # from its first epoch's checkpoint
+    with open(output / "fold_1" / "learning_curve.csv") as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2]
+    for fold in ("fold_1", "fold_2"):
+        assert f"{fold}: finished" in cross_validation.log
+        assert json.loads((output / fold / "metrics.json").read_text())["epochs"] == 2
+    splits = json.loads((output / "splits.json").read_text())
+    assert sorted(c for split in splits for c in split["val"]) == [f"case_00{i}" for i in range(6)]
+
+
+def test_report_has_finite_scores_and_every_case_out_of_fold(cross_validation: SimpleNamespace) -> None:
+    output = cross_validation.output
+    report = json.loads((output / "report.json").read_text())
+    assert [fold["status"] for fold in report["folds"]] == ["finished"] * 3
+    for fold in report["folds"]:
+        metrics = json.loads((output / fold["name"] / "metrics.json").read_text())
+        assert fold["mean_dice"] == pytest.approx(metrics["best_mean_dice"], abs=1e-5)  # re-scored = validated
+    fold_stats = report["summary"]["fold_mean_dice"]
+    assert fold_stats["n"] == 3 and all(np.isfinite([fold_stats[k] for k in ("mean", "std", "cv")]))
+    oof = report["out_of_fold"]
+    assert sorted(oof) == [f"case_00{i}" for i in range(6)] and not report["missing_out_of_fold"]
+    assert all(np.isfinite(score["mean_dice"]) and len(score["folds"]) == 1 for score in oof.values())
+    overall = report["summary"]["oof_mean_dice"]
+    assert overall["ci95"][0] <= overall["mean"] <= overall["ci95"][1]
+    assert overall["mean"] == pytest.approx(np.mean([score["mean_dice"] for score in oof.values()]))
+    assert [row["class_cases"]["lesion"] for row in report["balance"]] == [2, 2, 2]
+    ensemble = report["ensemble"]
+    assert ensemble["measured"] and sorted(ensemble["cases"]) == ["case_006", "case_007"]
+    assert np.isfinite(ensemble["mean_dice"])
+    assert report["verdict"]["stable"] in (True, False) and report["verdict"]["text"]
+    markdown = (output / "report.md").read_text()
+    assert report["verdict"]["text"] in markdown and "case_005" in markdown
+    for plot in ("fold_dice.png", "case_dice.png", "fold_balance.png"):
+        assert (output / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ensemble_prediction_is_on_the_input_grid(cross_validation: SimpleNamespace, tmp_path: Path) -> None:
+    source = nib.load(cross_validation.dataset / "imagesTr" / "case_006.nii.gz")
+    affine = source.affine.copy()
+    affine[0, 0] *= -1  # another orientation and origin than the training data
+    affine[:3, 3] += [100.0, -20.0, 5.0]
+    image = np.flip(np.asarray(source.dataobj), axis=0).copy()
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "scan.nii.gz")
+    command = [*KFOLD, "predict", str(cross_validation.output), "--images", str(tmp_path / "scan.nii.gz")]
+    result = subprocess.run([*command, "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    prediction = nib.load(tmp_path / "out" / "scan_seg.nii.gz")
+    assert prediction.shape == image.shape
+    np.testing.assert_allclose(prediction.affine, affine, atol=1e-4)
+    assert set(np.unique(np.asarray(prediction.dataobj)).tolist()) <= {0, 1, 2}
