@@ -435,5 +435,16 @@ def list_images(source: str | Path) -> list[dict[str, str]]:
     return [{"image": str(f.resolve())} for f in files]
 
 
-read_image_dims = _exit_on_dataset_error(first_image_dims)
+def bundle_image_dims(description: dict[str, Any], dataset_dir: str | Path, network_dims: int) -> int:
+    """The dataset's image dimensions, checked against the bundle: a 3D network cannot train on 2D images."""
+    dims = first_image_dims(description, dataset_dir)
+    if dims < network_dims:
+        raise DatasetError(
+            f"{Path(dataset_dir) / 'dataset.json'} lists 2D images; the 3D bundle needs volumes: "
+            "train them with bundles/unet2d/configs/train.yaml"
+        )
+    return dims
+
+
+read_image_dims = _exit_on_dataset_error(bundle_image_dims)
 read_images = _exit_on_dataset_error(list_images)

@@ -11,7 +11,6 @@ of a second each beyond the step itself.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import importlib
 import json
 import math
@@ -21,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,8 @@ from monai.bundle import ConfigParser
 from custom_components.data import check_datalist, first_image_dims, load_dataset_json
 from custom_components.fingerprint import compute_fingerprint
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
+from custom_components.paths import REPO_ROOT, working_directory
 
-REPO = Path(__file__).resolve().parents[1]
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net: an axis is low-resolution when 3x coarser in spacing and 3x fewer voxels
 ANISOTROPIC_PERCENTILE = 10  # nnU-Net: target spacing of that axis, so thin-slice cases keep their resolution
 BATCH_DATASET_FRACTION = 0.05  # nnU-Net: one step sees at most 5% of the dataset's voxels
@@ -55,20 +54,9 @@ def _gib(size: float) -> str:
     return f"{size / GIB:.2f} GiB"
 
 
-@contextlib.contextmanager
-def _repo_cwd() -> Iterator[None]:
-    """The bundles' ``%bundles/...`` macros are relative to the working directory: parse from the repository."""
-    previous = Path.cwd()
-    os.chdir(REPO)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def bundle_config(dim: int) -> Path:
     """The train.yaml of the 2D or 3D bundle, whose network, loss and optimiser the plan measures."""
-    path = REPO / f"bundles/unet{dim}d/configs/train.yaml"
+    path = REPO_ROOT / f"bundles/unet{dim}d/configs/train.yaml"
     if not path.is_file():
         raise PlanError(f"{path} does not exist: plan with --dim 3, or add the {dim}D bundle first")
     return path
@@ -256,7 +244,7 @@ class _Server:
             command = [sys.executable, "-m", "custom_components.planning"]
             self.errors = tempfile.TemporaryFile()
             self.process = subprocess.Popen(
-                command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True
+                command, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True
             )
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
@@ -417,7 +405,7 @@ def make_plan(
         raise PlanError(f"--set {', '.join(planned)}: the plan decides these; change them in the plan file instead")
     weights = class_weights([fingerprint["classes"][str(c)]["fraction"] for c in range(num_classes)])
     fixed = {"num_classes": num_classes, "in_channels": len(description["modality"]), "class_weights": weights}
-    with _repo_cwd():
+    with working_directory(REPO_ROOT):
         parser = bundle_parser(config_file, {**user, **fixed})
         strides, num_samples = parser.get_parsed_content("strides"), parser.get_parsed_content("num_samples")
         num_folds = parser.get_parsed_content("num_folds")
@@ -438,7 +426,8 @@ def make_plan(
     )
 
     budget, machine_limit = memory_gb * GIB, _machine_limit(device)
-    log(f"measuring training steps on {device} against {_gib(budget)} (network of {config_file.relative_to(REPO)})")
+    network_of = config_file.relative_to(REPO_ROOT)
+    log(f"measuring training steps on {device} against {_gib(budget)} (network of {network_of})")
     if budget > machine_limit:
         log(
             f"  the budget is over {MACHINE_FRACTION:.0%} of the free memory: "

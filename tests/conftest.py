@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from custom_components.paths import REPO_ROOT
 from custom_components.synthetic import write_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 # Small but real: a few CT-like volumes, a 3-level U-Net and 32x32x16 patches train in seconds on two cores.
 SMALL_3D = {

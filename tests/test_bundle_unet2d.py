@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from custom_components.paths import working_directory
 from custom_components.synthetic import write_dataset
 from tests.conftest import REPO, SMALL_3D, read_metrics, run_bundle
 
@@ -69,9 +69,7 @@ def test_short_2d_training_reaches_dice_bound(dataset3d: Path, tmp_path: Path, l
 
 
 def test_train_2d_config_has_the_standard_properties(dataset3d: Path, tmp_path: Path) -> None:
-    cwd = os.getcwd()
-    os.chdir(REPO)  # the shared-wiring macros are relative to the repository root, as for a user
-    try:
+    with working_directory(REPO):  # the shared-wiring macros are relative to the repository root, as for a user
         workflow = ConfigWorkflow(
             workflow_type="train",
             config_file=TRAIN_2D,
@@ -83,8 +81,6 @@ def test_train_2d_config_has_the_standard_properties(dataset3d: Path, tmp_path: 
         )
         workflow.initialize()
         assert workflow.check_properties() == []
-    finally:
-        os.chdir(cwd)
 
 
 def _user_keys(path: str) -> set[str]:
@@ -99,9 +95,7 @@ def test_both_bundles_share_one_definition_of_the_common_pieces() -> None:
         assert len(macros) == 1 and next(iter(macros)).startswith("%bundles/common/configs/"), key
     # every key of the 3D bundle exists in the 2D one: swapping the config path is the only change a user makes
     assert _user_keys(TRAIN_3D) <= _user_keys(TRAIN_2D)
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
+    with working_directory(REPO):  # the bundles' macros are relative to the repository root
         parsed = []
         for path in (TRAIN_2D, TRAIN_3D):
             parser = ConfigParser()
@@ -109,5 +103,3 @@ def test_both_bundles_share_one_definition_of_the_common_pieces() -> None:
             parser.resolve_macro_and_relative_ids()
             parsed.append(parser.get("train"))
         assert parsed[0] == parsed[1]  # one training wiring, copied from the common file into both
-    finally:
-        os.chdir(cwd)

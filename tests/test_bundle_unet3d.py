@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from custom_components.paths import working_directory
 from tests.conftest import REPO, SMALL_3D, read_metrics, run_bundle
 
 TRAIN_3D = "bundles/unet3d/configs/train.yaml"
@@ -80,15 +81,9 @@ def test_train_config_has_the_standard_properties(dataset3d: Path, tmp_path: Pat
         output_dir=str(tmp_path / "run"),
         num_workers=0,
     )
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(REPO)  # the shared-wiring macros are relative to the repository root, as for a user
-    try:
+    with working_directory(REPO):  # the shared-wiring macros are relative to the repository root, as for a user
         workflow.initialize()
         assert workflow.check_properties() == []
-    finally:
-        os.chdir(cwd)
 
 
 def test_each_run_gets_its_own_output_dir() -> None:

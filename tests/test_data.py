@@ -129,3 +129,11 @@ def test_cache_that_would_not_fit_falls_back_to_disk(tiny: Path, tmp_path: Path,
         dataset = make_dataset(datalist, load, 1.0, tmp_path / "cache", (0.8, 0.8, 2.5))
     assert isinstance(dataset, PersistentDataset)
     assert dataset[0]["image"].shape == nib.load(datalist[0]["image"]).shape
+
+
+def test_the_3d_bundle_refuses_2d_images(tmp_path: Path) -> None:
+    dataset = write_dataset(tmp_path / "flat", cases=1, seed=0, dim=2, shape=(16, 16))
+    description = load_dataset_json(dataset)
+    assert data.bundle_image_dims(description, dataset, network_dims=2) == 2
+    with pytest.raises(DatasetError, match="lists 2D images; the 3D bundle needs volumes: .*unet2d"):
+        data.bundle_image_dims(description, dataset, network_dims=3)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
+from custom_components.paths import working_directory
 from tests.conftest import REPO, SMALL_3D, read_metrics
 
 
@@ -27,14 +28,10 @@ def test_two_processes_train_one_model(dataset3d: Path, tmp_path: Path) -> None:
     assert read_metrics(out)["epochs"] == 2
     # the best weights are saved without the DDP wrapper: they load into the plain network
     parser = ConfigParser()
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
+    with working_directory(REPO):  # the bundles' macros are relative to the repository root
         parser.read_config("bundles/unet3d/configs/train.yaml")
         parser.update({"dataset_dir": str(dataset3d), "channels": [16, 32, 64], "strides": [2, 2]})
         network = parser.get_parsed_content("network_def")
-    finally:
-        os.chdir(cwd)
     network.load_state_dict(torch.load(out / "model.pt"))
     # both processes validated their share and logged the same all-reduced Dice
     dice_lines = [
@@ -44,13 +41,9 @@ def test_two_processes_train_one_model(dataset3d: Path, tmp_path: Path) -> None:
 
 
 def test_gradient_accumulation_reaches_the_trainer(dataset3d: Path) -> None:
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
+    with working_directory(REPO):  # the bundles' macros are relative to the repository root
         parser = ConfigParser()
         parser.read_config("bundles/unet3d/configs/train.yaml")
         parser.update({"dataset_dir": str(dataset3d), "gradient_accumulation_steps": 4, "cache_rate": 0.0})
         trainer = parser.get_parsed_content("train#trainer")
-    finally:
-        os.chdir(cwd)
     assert trainer.accumulation_steps == 4

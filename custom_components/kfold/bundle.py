@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from fire.parser import DefaultParseValue
 from monai.bundle import ConfigParser
 
 from custom_components.kfold.splits import KFoldError
+from custom_components.paths import working_directory
 
 # Keys the K-fold run sets for every fold itself, and the option that sets them; `--set` may not override them.
 RUN_KEYS = {
@@ -24,17 +23,6 @@ RUN_KEYS = {
     "splits_file": "--splits_file",
     "seed": "--seed",
 }
-
-
-@contextlib.contextmanager
-def working_directory(path: Path) -> Iterator[None]:
-    """Run a block in ``path``: the bundle configs' ``%bundles/...`` macros are relative to the working directory."""
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
 
 
 @dataclass(frozen=True)

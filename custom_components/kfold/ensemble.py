@@ -26,10 +26,11 @@ from monai.transforms import Activationsd, Compose, MeanEnsembled, SaveImaged
 
 from custom_components.data import DatasetError, case_id, check_datalist, list_images, load_dataset_json
 from custom_components.handlers import atomic_write_json
-from custom_components.kfold.bundle import Bundle, working_directory
+from custom_components.kfold.bundle import Bundle
 from custom_components.kfold.evaluation import dice_scores
 from custom_components.kfold.layout import ENSEMBLE_TEST_FILE, Fold, fold_finished, fold_layout, read_state
 from custom_components.kfold.splits import KFoldError
+from custom_components.paths import working_directory
 
 logger = logging.getLogger(__name__)
 
