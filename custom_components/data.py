@@ -22,11 +22,14 @@ import nibabel as nib
 import numpy as np
 import psutil
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PLANAR_SUFFIXES = (".png", ".tif", ".tiff")  # 2D images without physical spacing (1 mm pixels, as MONAI reads them)
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + PLANAR_SUFFIXES
 
 
 class DatasetError(ValueError):
@@ -94,19 +97,33 @@ def voxel_sizes(affine: np.ndarray, dims: int) -> np.ndarray:
     return np.asarray(nib.affines.voxel_sizes(affine)[:dims], dtype=float)
 
 
+def load_image(path: str | Path) -> nib.Nifti1Image:
+    """A NIfTI file, or a PNG/TIFF image as a 2D NIfTI with 1 mm pixels (channels last, as MONAI reads them)."""
+    path = Path(path)
+    if path.name.lower().endswith(PLANAR_SUFFIXES):
+        with Image.open(path) as picture:
+            pixels = np.asarray(picture)
+        return nib.Nifti1Image(np.swapaxes(pixels, 0, 1), np.eye(4))  # (rows, columns) -> (x, y)
+    return nib.load(path)
+
+
 def _read(path: Path, report: Report) -> tuple[Any, np.ndarray] | None:
-    """The NIfTI image and its data array, or None after reporting why the file cannot be used."""
+    """The image and its data array, or None after reporting why the file cannot be used."""
     if not path.is_file():
         report(path, "is listed in dataset.json but does not exist", "fix the entry or add the file")
         return None
-    if not path.name.endswith(NIFTI_SUFFIXES):
-        report(path, "is not NIfTI", "convert the dataset with `python -m custom_components.prepare convert`")
+    if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        report(
+            path,
+            "is neither NIfTI nor a PNG/TIFF image",
+            "convert the dataset with `python -m custom_components.prepare convert`",
+        )
         return None
     try:
-        nii = nib.load(path)
+        nii = load_image(path)
         return nii, np.asanyarray(nii.dataobj)
-    except Exception as err:  # nibabel and zlib raise several types for truncated or corrupt files
-        report(path, f"cannot be read as NIfTI ({err})", "re-export the file")
+    except Exception as err:  # nibabel, zlib and PIL raise several types for truncated or corrupt files
+        report(path, f"cannot be read ({err})", "re-export the file")
         return None
 
 
@@ -324,9 +341,9 @@ def split_datalist(
 
 
 def case_id(path: str) -> str:
-    """Case identifier of an image path: its file name without the NIfTI suffix."""
+    """Case identifier of an image path: its file name without the NIfTI, PNG or TIFF suffix."""
     name = Path(path).name
-    for suffix in NIFTI_SUFFIXES[::-1]:
+    for suffix in (".nii.gz", ".nii", *PLANAR_SUFFIXES):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -361,7 +378,7 @@ def estimate_cache_bytes(
     total = 0
     for item in datalist:
         for key in keys:
-            header = nib.load(item[key]).header
+            header = load_image(item[key]).header
             shape = np.asarray(header.get_data_shape(), dtype=float)
             zooms = np.asarray(header.get_zooms(), dtype=float)
             dims = min(3, len(shape))  # a 4th axis holds modalities
@@ -410,10 +427,11 @@ def image_spatial_dims(path: str | Path) -> int:
     if not path.is_file():
         raise DatasetError(f"{path} does not exist: fix the path")
     try:
-        shape = nib.load(path).shape
-    except Exception as err:  # nibabel raises several types for unreadable files
-        raise DatasetError(f"{path} cannot be read as NIfTI ({err}): re-export the file") from err
-    return 2 if len(shape) == 2 else 3
+        shape = load_image(path).shape
+    except Exception as err:  # nibabel and PIL raise several types for unreadable files
+        raise DatasetError(f"{path} cannot be read ({err}): re-export the file") from err
+    planar = path.name.lower().endswith(PLANAR_SUFFIXES)  # an RGB picture is 2D with 3 channels
+    return 2 if len(shape) == 2 or planar else 3
 
 
 def first_image_dims(description: dict[str, Any], dataset_dir: str | Path) -> int:
@@ -422,16 +440,16 @@ def first_image_dims(description: dict[str, Any], dataset_dir: str | Path) -> in
 
 
 def list_images(source: str | Path) -> list[dict[str, str]]:
-    """Inference inputs: one NIfTI file, or every NIfTI file of a folder, as ``[{"image": path}]``."""
+    """Inference inputs: one image file, or every NIfTI/PNG/TIFF file of a folder, as ``[{"image": path}]``."""
     path = Path(source)
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        files = sorted(p for p in path.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
     else:
         raise DatasetError(f"input_dir {path} does not exist: pass --input_dir with a NIfTI file or a folder of them")
     if not files:
-        raise DatasetError(f"input_dir {path} holds no .nii or .nii.gz file: pass a folder of NIfTI images")
+        raise DatasetError(f"input_dir {path} holds no NIfTI, PNG or TIFF file: pass a folder of images")
     return [{"image": str(f.resolve())} for f in files]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 AIR_HU = -1000.0
@@ -25,6 +26,8 @@ LESION_HU = 25.0  # hypodense lesion inside the organ (class 2)
 NOISE_HU = 18.0  # quantum noise standard deviation
 BIAS_HU = 25.0  # amplitude of the smooth, low-frequency bias field
 LABELS = {"0": "background", "1": "organ", "2": "lesion"}
+PNG_OFFSET_HU = 1024  # 16-bit PNG/TIFF hold HU + 1024, as CT exports to unsigned images usually do
+FORMATS = {"nifti": ".nii.gz", "png": ".png", "tiff": ".tif"}
 
 
 def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, sigma_fraction: float = 0.25) -> np.ndarray:
@@ -90,13 +93,18 @@ def write_dataset(
     dim: int = 3,
     shape: tuple[int, ...] | None = None,
     spacing: tuple[float, ...] | None = None,
+    image_format: str = "nifti",
 ) -> Path:
-    """Write ``cases`` synthetic cases as NIfTI with an MSD ``dataset.json``; returns the dataset folder.
+    """Write ``cases`` synthetic cases with an MSD ``dataset.json``; returns the dataset folder.
 
     Case sizes vary by up to +-15% around ``shape`` so that no two volumes share a grid, as in real data.
+    ``image_format`` png or tiff (2D only) writes 16-bit images of HU + 1024 and 8-bit label maps, which carry
+    no spacing: the form 2D datasets often come in.
     """
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, got {dim}")
+    if image_format not in FORMATS or (image_format != "nifti" and dim != 2):
+        raise ValueError(f"image_format must be one of {list(FORMATS)} (png and tiff for dim 2), got {image_format}")
     shape = tuple(shape or ((96, 96, 40) if dim == 3 else (128, 128)))
     spacing = tuple(spacing or ((0.8, 0.8, 2.5) if dim == 3 else (0.8, 0.8)))
     if len(shape) != dim or len(spacing) != dim:
@@ -111,9 +119,14 @@ def write_dataset(
         image, label = make_case(case_shape, spacing, rng)
         affine = np.diag([*spacing, *([1.0] * (3 - dim)), 1.0])
         affine[:dim, 3] = rng.uniform(-50, 50, dim)  # scanner origin differs between cases
-        name = f"case_{index:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(np.round(image).astype(np.int16), affine), out / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(label, affine), out / "labelsTr" / name)
+        name = f"case_{index:03d}{FORMATS[image_format]}"
+        if image_format == "nifti":
+            nib.save(nib.Nifti1Image(np.round(image).astype(np.int16), affine), out / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(label, affine), out / "labelsTr" / name)
+        else:  # (x, y) -> (rows, columns)
+            stored = np.clip(np.round(image) + PNG_OFFSET_HU, 0, 65535).astype(np.uint16)
+            Image.fromarray(stored.T).save(out / "imagesTr" / name)
+            Image.fromarray(label.T).save(out / "labelsTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     description = {
         "name": f"Synthetic{dim}D",
@@ -137,9 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same data")
     parser.add_argument("--dim", type=int, default=3, choices=(2, 3), help="3: volumes; 2: native 2D images")
     parser.add_argument("--shape", type=int, nargs="+", help="typical grid size in voxels (default 96 96 40 / 128 128)")
+    parser.add_argument("--format", default="nifti", choices=list(FORMATS), help="png/tiff: 2D images, no spacing")
     parser.add_argument("--spacing", type=float, nargs="+", help="voxel size in mm (default 0.8 0.8 2.5 / 0.8 0.8)")
     args = parser.parse_args(argv)
-    out = write_dataset(args.out, args.cases, args.seed, args.dim, args.shape, args.spacing)
+    out = write_dataset(args.out, args.cases, args.seed, args.dim, args.shape, args.spacing, args.format)
     print(f"wrote {args.cases} {args.dim}D cases to {out}")
 
 
