@@ -29,6 +29,8 @@ SMALL_3D = {
     "progress_bar": "False",
     "log_every_iteration": "False",
 }
+# The 2D bundle on the same volumes: 32x32 slices, in-plane spacing as the data, the slice spacing kept.
+SMALL_2D = {**SMALL_3D, "patch_size": "[32,32]", "spacing": "[0.8,0.8,-1]"}
 
 
 @pytest.fixture(scope="session")

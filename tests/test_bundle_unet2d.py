@@ -11,11 +11,10 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from custom_components.paths import working_directory
 from custom_components.synthetic import write_dataset
-from tests.conftest import REPO, SMALL_3D, read_metrics, run_bundle
+from tests.conftest import REPO, SMALL_2D, SMALL_3D, read_metrics, run_bundle
 
 TRAIN_2D = "bundles/unet2d/configs/train.yaml"
 TRAIN_3D = "bundles/unet3d/configs/train.yaml"
-SMALL_2D = {**SMALL_3D, "patch_size": "[32,32]", "spacing": "[0.8,0.8,-1]"}
 # Organ Dice bound after 20 short epochs of slice training on the easy volumes. Measured here: 0.46 with these
 # settings, 0.12 with a learning rate of 0, so a broken pipeline cannot pass.
 ORGAN_DICE_BOUND_2D = 0.3

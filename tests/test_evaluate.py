@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from custom_components.data import case_id, check_datalist, load_dataset_json, split_datalist
-from tests.conftest import SMALL_3D, read_metrics, run_bundle
+from tests.conftest import SMALL_2D, SMALL_3D, read_metrics, run_bundle
 
 TRAIN_3D = "bundles/unet3d/configs/train.yaml"
 EVALUATE_3D = [TRAIN_3D, "bundles/unet3d/configs/evaluate.yaml"]
-SMALL_2D = {**SMALL_3D, "patch_size": "[32,32]", "spacing": "[0.8,0.8,-1]"}
 
 
 @pytest.mark.parametrize(("bundle", "small"), [("unet3d", SMALL_3D), ("unet2d", SMALL_2D)])

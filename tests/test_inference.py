@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 
 from custom_components.synthetic import write_dataset
-from tests.conftest import SMALL_3D, run_bundle
-
-SMALL_2D = {**SMALL_3D, "patch_size": "[32,32]", "spacing": "[0.8,0.8,-1]"}
+from tests.conftest import SMALL_2D, SMALL_3D, run_bundle
 
 
 def _configs(bundle: str) -> list[str]:
