@@ -13,7 +13,7 @@ TRAIN_OVERRIDES ?= --spacing "[1.2,1.2,2.5]" --patch_size "[64,64,32]" --channel
 	--strides "[2,2,2]" --patch_class_ratios "[1,1,3]" --max_epochs 100 --val_interval 10 --warmup_epochs 3 \
 	--learning_rate 0.003 --num_workers 2 --num_folds 4 --log_every_iteration False
 
-.PHONY: install test train compare cv bench lint clean
+.PHONY: install test train render compare cv bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ train: install
 	$(PY) -m monai.bundle run training --config_file bundles/unet3d/configs/train.yaml \
 		--meta_file bundles/unet3d/configs/metadata.json --logging_file bundles/unet3d/configs/logging.conf \
 		--dataset_dir $(TRAIN_DATA) --output_dir $(TRAIN_OUT) $(TRAIN_OVERRIDES)
-	@echo "metrics: $(TRAIN_OUT)/metrics.json  curve: $(TRAIN_OUT)/learning_curve.png"
+	@echo "run bundle: $(TRAIN_OUT) (models/model.pt, configs/inference.yaml)  metrics: $(TRAIN_OUT)/metrics.json  curve: $(TRAIN_OUT)/learning_curve.png"
+
+# the bundles' configs from their one template (bundles/template): run after editing it; `make test` checks it
+render: install
+	$(PY) -m custom_components.render
 
 # 2D vs 3D on the same synthetic data and budget: runs/compare_2d_3d/comparison.{md,png}
 compare: install

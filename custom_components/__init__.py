@@ -1,6 +1,7 @@
-"""Components the MONAI bundles need and MONAI lacks: dataset checks, reports, intensity schemes, synthetic data,
-small-batch normalisation and the U-Net with or without skip connections."""
+"""Components the MONAI bundles need and MONAI lacks: dataset checks, reports, the run folder as a bundle,
+inference that skips unreadable inputs, intensity schemes, small-batch normalisation and the U-Net with or
+without skip connections."""
 
-from custom_components import data, handlers, networks, norms, transforms
+from custom_components import bundle, data, evaluation, handlers, inference, networks, norms, run_bundle, transforms
 
-__all__ = ["data", "handlers", "networks", "norms", "transforms"]
+__all__ = ["bundle", "data", "evaluation", "handlers", "inference", "networks", "norms", "run_bundle", "transforms"]

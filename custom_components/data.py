@@ -22,14 +22,12 @@ import nibabel as nib
 import numpy as np
 import psutil
 from monai.data import CacheDataset, Dataset, PersistentDataset
-from PIL import Image
+
+from custom_components.imageio import IMAGE_SUFFIXES, PLANAR_SUFFIXES, ImageReadError, read_header, read_image
+from custom_components.imageio import NIFTI_SUFFIXES as NIFTI_SUFFIXES  # re-exported for `from ..data import`
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-PLANAR_SUFFIXES = (".png", ".tif", ".tiff")  # 2D images without physical spacing (1 mm pixels, as MONAI reads them)
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + PLANAR_SUFFIXES
 
 
 class DatasetError(ValueError):
@@ -97,18 +95,8 @@ def voxel_sizes(affine: np.ndarray, dims: int) -> np.ndarray:
     return np.asarray(nib.affines.voxel_sizes(affine)[:dims], dtype=float)
 
 
-def load_image(path: str | Path) -> nib.Nifti1Image:
-    """A NIfTI file, or a PNG/TIFF image as a 2D NIfTI with 1 mm pixels (channels last, as MONAI reads them)."""
-    path = Path(path)
-    if path.name.lower().endswith(PLANAR_SUFFIXES):
-        with Image.open(path) as picture:
-            pixels = np.asarray(picture)
-        return nib.Nifti1Image(np.swapaxes(pixels, 0, 1), np.eye(4))  # (rows, columns) -> (x, y)
-    return nib.load(path)
-
-
-def _read(path: Path, report: Report) -> tuple[Any, np.ndarray] | None:
-    """The image and its data array, or None after reporting why the file cannot be used."""
+def _read(path: Path, report: Report) -> tuple[np.ndarray, np.ndarray] | None:
+    """The voxels and affine of a file (``imageio.read_image``), or None after reporting why it cannot be used."""
     if not path.is_file():
         report(path, "is listed in dataset.json but does not exist", "fix the entry or add the file")
         return None
@@ -120,16 +108,17 @@ def _read(path: Path, report: Report) -> tuple[Any, np.ndarray] | None:
         )
         return None
     try:
-        nii = load_image(path)
-        return nii, np.asanyarray(nii.dataobj)
-    except Exception as err:  # nibabel, zlib and PIL raise several types for truncated or corrupt files
-        report(path, f"cannot be read ({err})", "re-export the file")
+        return read_image(path)
+    except ImageReadError as err:
+        report(path, err.problem, err.fix)
         return None
 
 
-def _check_image(path: Path, nii: Any, data: np.ndarray, image_dims: int, channels: int, report: Report) -> bool:
+def _check_image(
+    path: Path, data: np.ndarray, affine: np.ndarray, image_dims: int, channels: int, report: Report
+) -> bool:
     """Shape, spacing and values of an image; True when its shape is usable (so the grid can be compared)."""
-    shape = tuple(nii.shape)
+    shape = tuple(data.shape)
     if 0 in shape:
         report(path, f"is empty (shape {shape})", "re-export the image")
         return False
@@ -143,7 +132,7 @@ def _check_image(path: Path, nii: Any, data: np.ndarray, image_dims: int, channe
             "export this case the same way or fix 'modality'",
         )
         return False
-    spacing = voxel_sizes(nii.affine, image_dims)
+    spacing = voxel_sizes(affine, image_dims)
     low, high = SPACING_RANGE_MM
     if not (np.all(np.isfinite(spacing)) and np.all((spacing >= low) & (spacing <= high))):
         report(
@@ -164,9 +153,9 @@ def _check_image(path: Path, nii: Any, data: np.ndarray, image_dims: int, channe
     return True
 
 
-def _check_label(path: Path, nii: Any, data: np.ndarray, image_dims: int, num_classes: int, report: Report) -> bool:
+def _check_label(path: Path, data: np.ndarray, image_dims: int, num_classes: int, report: Report) -> bool:
     """Shape and values of a label map; True when its shape is usable (so the grid can be compared)."""
-    shape = tuple(nii.shape)
+    shape = tuple(data.shape)
     if 0 in shape:
         report(path, f"is empty (shape {shape})", "re-export the label")
         return False
@@ -205,10 +194,18 @@ def _check_label(path: Path, nii: Any, data: np.ndarray, image_dims: int, num_cl
     return True
 
 
-def _check_grid(image: Path, image_nii: Any, label: Path, label_nii: Any, image_dims: int, report: Report) -> None:
+def _check_grid(
+    image: Path,
+    image_read: tuple[np.ndarray, np.ndarray],
+    label: Path,
+    label_read: tuple[np.ndarray, np.ndarray],
+    image_dims: int,
+    report: Report,
+) -> None:
     """Image and label on the same grid: shape, then voxel size, then origin and orientation (the whole affine)."""
-    image_shape, label_shape = image_nii.shape[:image_dims], label_nii.shape[:image_dims]
-    image_spacing, label_spacing = voxel_sizes(image_nii.affine, image_dims), voxel_sizes(label_nii.affine, image_dims)
+    (image_data, image_affine), (label_data, label_affine) = image_read, label_read
+    image_shape, label_shape = image_data.shape[:image_dims], label_data.shape[:image_dims]
+    image_spacing, label_spacing = voxel_sizes(image_affine, image_dims), voxel_sizes(label_affine, image_dims)
     tolerance = GRID_TOLERANCE * float(image_spacing.min())
     resample = "resample the label onto the image (nearest neighbour)"
     if image_shape != label_shape:
@@ -221,7 +218,7 @@ def _check_grid(image: Path, image_nii: Any, label: Path, label_nii: Any, image_
             f"{resample}, or copy the image's header if only the label's header is wrong",
         )
     else:
-        offset = float(np.abs(image_nii.affine[:3] - label_nii.affine[:3]).max())
+        offset = float(np.abs(image_affine[:3] - label_affine[:3]).max())
         if offset > tolerance:
             report(
                 label,
@@ -241,9 +238,9 @@ def check_case(image: Path, label: Path, num_classes: int, image_dims: int = 3, 
 
     image_read, label_read = _read(image, report), _read(label, report)
     image_ok = image_read is not None and _check_image(image, *image_read, image_dims, channels, report)
-    label_ok = label_read is not None and _check_label(label, *label_read, image_dims, num_classes, report)
+    label_ok = label_read is not None and _check_label(label, label_read[0], image_dims, num_classes, report)
     if image_ok and label_ok:
-        _check_grid(image, image_read[0], label, label_read[0], image_dims, report)
+        _check_grid(image, image_read, label, label_read, image_dims, report)
     return problems
 
 
@@ -373,18 +370,19 @@ def estimate_cache_bytes(
 ) -> int:
     """Bytes a full in-memory cache of the preprocessed cases would take (float32 after resampling to ``spacing``).
 
-    Read from the NIfTI headers only, so it costs milliseconds per case, before any cache is filled.
+    Read from the image headers only (``imageio.read_header``), so it costs milliseconds per case, before any
+    cache is filled.
     """
     total = 0
     for item in datalist:
         for key in keys:
-            header = load_image(item[key]).header
-            shape = np.asarray(header.get_data_shape(), dtype=float)
-            zooms = np.asarray(header.get_zooms(), dtype=float)
+            header = read_header(item[key])
+            shape = np.asarray(header.shape, dtype=float)
             dims = min(3, len(shape))  # a 4th axis holds modalities
-            target = np.asarray(spacing[:dims] if spacing is not None else zooms[:dims], dtype=float)
-            target = np.where(target > 0, target, zooms[:dims])  # non-positive: keep the native spacing, as Spacingd
-            voxels = np.prod(shape[:dims] * zooms[:dims] / target)
+            zooms = voxel_sizes(header.affine, dims)
+            target = np.asarray(spacing[:dims] if spacing is not None else zooms, dtype=float)
+            target = np.where(target > 0, target, zooms)  # non-positive: keep the native spacing, as Spacingd
+            voxels = np.prod(shape[:dims] * zooms / target)
             channels = np.prod(shape[dims:]) if len(shape) > dims else 1
             total += int(voxels * channels * 4)
     return total
@@ -424,12 +422,10 @@ def make_dataset(
 def image_spatial_dims(path: str | Path) -> int:
     """2 for a 2D image, 3 for a volume (a 4th NIfTI axis holds modalities); read from the header only."""
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path} does not exist: fix the path")
     try:
-        shape = load_image(path).shape
-    except Exception as err:  # nibabel and PIL raise several types for unreadable files
-        raise DatasetError(f"{path} cannot be read ({err}): re-export the file") from err
+        shape = read_header(path).shape
+    except ImageReadError as err:
+        raise DatasetError(str(err)) from err
     planar = path.name.lower().endswith(PLANAR_SUFFIXES)  # an RGB picture is 2D with 3 channels
     return 2 if len(shape) == 2 or planar else 3
 

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from custom_components.data import CHECK_THREADS, DatasetError, case_id, voxel_sizes
+from custom_components.imageio import read_image
 
 FOREGROUND_SAMPLES = 10_000_000  # foreground voxels kept for the intensity statistics, over the whole dataset
 PERCENTILES = (0.5, 50.0, 99.5)  # nnU-Net's CT clipping window is the 0.5 and 99.5 foreground percentiles
@@ -31,17 +32,16 @@ def _case_fingerprint(
     item: dict[str, str], num_classes: int, image_dims: int, samples: int, seed: int
 ) -> dict[str, Any]:
     """Shape, spacing (RAS order), voxels per class and a seeded sample of foreground intensities of one case."""
-    image_nii, label_nii = nib.load(item["image"]), nib.load(item["label"])
-    image = np.asanyarray(image_nii.dataobj)
-    label = np.asanyarray(label_nii.dataobj).reshape(image.shape[:image_dims]).astype(np.int64)
-    order = ras_order(image_nii.affine, image_dims)
+    (image, affine), (label, _) = read_image(item["image"]), read_image(item["label"])
+    label = label.reshape(image.shape[:image_dims]).astype(np.int64)
+    order = ras_order(affine, image_dims)
     foreground = image.reshape(label.size, -1)[label.ravel() > 0]
     if len(foreground) > samples:
         foreground = foreground[np.random.default_rng(seed).choice(len(foreground), samples, replace=False)]
     return {
         "case": case_id(item["image"]),
         "shape": [int(n) for n in np.asarray(image.shape[:image_dims])[order]],
-        "spacing": [round(float(s), 6) for s in voxel_sizes(image_nii.affine, image_dims)[order]],
+        "spacing": [round(float(s), 6) for s in voxel_sizes(affine, image_dims)[order]],
         "voxels": np.bincount(label.ravel(), minlength=num_classes)[:num_classes],
         "foreground": foreground.astype(np.float64),
     }

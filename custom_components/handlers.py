@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -21,6 +23,8 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+
+MODEL_FILE = Path("models") / "model.pt"  # the best weights in a run folder, where the model zoo keeps them
 
 
 def unwrap(obj: Any) -> Any:
@@ -99,7 +103,7 @@ class ResumableCheckpoint:
 
 
 class TrainingReport:
-    """Learning curve (CSV and PNG), ``metrics.json`` and the best weights ``model.pt``, written every epoch.
+    """Learning curve (CSV and PNG), ``metrics.json`` and the best weights ``models/model.pt``, written every epoch.
 
     Its epoch-end step is registered when the run starts, after every handler was attached, so it reads this
     epoch's validation whatever its place in the handler list. Its ``state_dict`` holds the history, so it
@@ -187,7 +191,7 @@ class TrainingReport:
                 row[f"dice_{name}"] = float(value)
             if not self.best or row[self.key_metric] > self.best[self.key_metric]:
                 self.best = dict(row)
-                atomic_torch_save(self.network.state_dict(), self.output_dir / "model.pt")
+                atomic_torch_save(self.network.state_dict(), self.output_dir / MODEL_FILE)
         self.history.append(row)
         self.write(engine)
 
@@ -250,6 +254,74 @@ class TrainingReport:
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
         atomic_write_bytes(self.output_dir / "learning_curve.png", buffer.getvalue())
+
+
+class ModelError(ValueError):
+    """A weights file that is missing or does not fit the network; the message says which keys differ."""
+
+
+def state_dict_differences(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any], shown: int = 5) -> list[str]:
+    """What differs between a network's state_dict and a loaded one: missing and unexpected keys, other shapes."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    shapes = [
+        f"{key} {tuple(found[key].shape)} (network: {tuple(value.shape)})"
+        for key, value in expected.items()
+        if key in found and hasattr(found[key], "shape") and tuple(found[key].shape) != tuple(value.shape)
+    ]
+    differences = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes)):
+        if items:
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            differences.append(f"{len(items)} {title}: {', '.join(items[:shown])}{more}")
+    return differences
+
+
+def load_weights(network: torch.nn.Module, path: str | Path, device: Any = "cpu") -> torch.nn.Module:
+    """Load a plain state_dict (``models/model.pt``) into ``network``, read as tensors only (nothing executed).
+
+    Raises :class:`ModelError` naming the file and, for a network of other settings, the keys and shapes that
+    differ, instead of PyTorch's traceback through every parameter.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(
+            f"model_path {path} does not exist: train into this run folder first (models/model.pt is written at the "
+            "first validation) or pass --model_path with a weights file"
+        )
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # pickle, zip and torch raise several types for files that are not plain weights
+        raise ModelError(f"model_path {path} is not a PyTorch state_dict of tensors ({err}): pass a model.pt") from err
+    target = unwrap(network)
+    differences = state_dict_differences(target.state_dict(), state) if isinstance(state, Mapping) else ["not a dict"]
+    if differences:
+        raise ModelError(
+            f"model_path {path} does not fit the network these settings build ({'; '.join(differences)}): use the "
+            "configs of the run folder that trained it (RUN/configs/inference.yaml), or the same network keys "
+            "(channels, strides, num_res_units, norm, skip_connections, in_channels, num_classes, context_slices)"
+        )
+    target.load_state_dict(state)
+    return network
+
+
+class ModelLoader:
+    """The weights of ``path`` loaded into ``network`` when the handler is built, before any case is read.
+
+    MONAI's ``CheckpointLoader`` loads when the engine starts, after the dataset was built, and a wrong file ends in
+    a traceback of every parameter; this one stops the run at once with the file and the keys that differ.
+    """
+
+    def __init__(self, path: str | Path, network: torch.nn.Module, device: Any = "cpu") -> None:
+        try:
+            load_weights(network, path, device)
+        except ModelError as err:
+            logging.getLogger(__name__).error("%s", err)
+            sys.exit(f"error: {err}")
+        self.path = Path(path)
+
+    def attach(self, engine: Engine) -> None:
+        engine.logger.info(f"weights loaded from {self.path}")
 
 
 def from_rank0(value: Any) -> Any:

@@ -33,7 +33,7 @@ from monai.bundle import ConfigParser
 from custom_components.data import check_datalist, first_image_dims, load_dataset_json
 from custom_components.fingerprint import compute_fingerprint
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
-from custom_components.paths import REPO_ROOT, working_directory
+from custom_components.paths import REPO_ROOT
 
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net: an axis is low-resolution when 3x coarser in spacing and 3x fewer voxels
 ANISOTROPIC_PERCENTILE = 10  # nnU-Net: target spacing of that axis, so thin-slice cases keep their resolution
@@ -66,7 +66,7 @@ def bundle_parser(config_file: str | Path, overrides: dict[str, Any]) -> ConfigP
     """The bundle's config with ``overrides`` set on top, as ``--config_file [train.yaml, plan.yaml]`` merges it."""
     parser = ConfigParser()
     parser.read_config(str(config_file))
-    parser.update(overrides)
+    parser.update({"bundle_root": str(Path(config_file).resolve().parents[1]), **overrides})
     return parser
 
 
@@ -165,8 +165,8 @@ def _step_memory(parser: ConfigParser, request: dict[str, Any]) -> dict[str, Any
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         network = parser.get_parsed_content("network")
-        loss_function = parser.get_parsed_content("loss")
-        optimizer = parser.get_parsed_content("optimizer")
+        loss_function = parser.get_parsed_content("train#loss_function")
+        optimizer = parser.get_parsed_content("train#optimizer")
         batch = request["batch_size"] * parser.get_parsed_content("num_samples")
         patch = request["patch_size"]
         image = torch.randn(batch, parser.get_parsed_content("network_in_channels"), *patch, device=device)
@@ -405,11 +405,10 @@ def make_plan(
         raise PlanError(f"--set {', '.join(planned)}: the plan decides these; change them in the plan file instead")
     weights = class_weights([fingerprint["classes"][str(c)]["fraction"] for c in range(num_classes)])
     fixed = {"num_classes": num_classes, "in_channels": len(description["modality"]), "class_weights": weights}
-    with working_directory(REPO_ROOT):
-        parser = bundle_parser(config_file, {**user, **fixed})
-        strides, num_samples = parser.get_parsed_content("strides"), parser.get_parsed_content("num_samples")
-        num_folds = parser.get_parsed_content("num_folds")
-        slice_axis = parser.get_parsed_content("slice_axis") if dim == 2 and image_dims == 3 else None
+    parser = bundle_parser(config_file, {**user, **fixed})
+    strides, num_samples = parser.get_parsed_content("strides"), parser.get_parsed_content("num_samples")
+    num_folds = parser.get_parsed_content("num_folds")
+    slice_axis = parser.get_parsed_content("slice_axis") if dim == 2 and image_dims == 3 else None
 
     shapes = np.asarray([case["shape"] for case in fingerprint["cases"]], dtype=float)
     spacings = np.asarray([case["spacing"] for case in fingerprint["cases"]], dtype=float)

@@ -24,14 +24,11 @@ import itk
 import nibabel as nib
 import numpy as np
 import torch
-import yaml
-from monai.data import ITKReader
-from monai.data.utils import to_affine_nd
 from tqdm import tqdm
 
+from custom_components.bundle import KeyValueError, parse_key_values
 from custom_components.data import (
     GRID_TOLERANCE,
-    NIFTI_SUFFIXES,
     DatasetError,
     Problem,
     check_dataset,
@@ -40,11 +37,12 @@ from custom_components.data import (
     voxel_sizes,
 )
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
+from custom_components.imageio import ITK_SUFFIXES, NIFTI_SUFFIXES, ImageReadError, read_header, read_image
 from custom_components.planning import PlanError, make_plan
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES  # what `convert` reads, besides DICOM series folders
 DATA_SUFFIXES = (".raw", ".zraw", ".raw.gz")  # pixel data of .mhd and .nhdr headers, not images of their own
 PAIRING = "images and labels are paired by case id: the file name without extension, or a DICOM series' folder name"
 
@@ -100,22 +98,6 @@ def find_cases(folder: Path) -> dict[str, Path]:
     if not cases:
         raise DatasetError(f"{folder} holds no image: NIfTI, NRRD or MHA files, or one folder per DICOM series")
     return cases
-
-
-def read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels (x, y[, z][, channel]) and RAS affine of a NIfTI file (nibabel), or of what ITK reads: a DICOM series
-    folder, NRRD, MHA (MONAI's ITKReader, which keeps ITK's spacing, origin and direction)."""
-    try:
-        if path.name.endswith(NIFTI_SUFFIXES):
-            nii = nib.load(path)
-            return np.asanyarray(nii.dataobj), nii.affine
-        reader = ITKReader()
-        array, meta = reader.get_data(reader.read(str(path)))
-        return np.asarray(array), to_affine_nd(3, np.asarray(meta["affine"], dtype=float))
-    except Exception as err:  # each reader raises its own types for unreadable files
-        raise DatasetError(
-            f"{path} cannot be read ({err}): re-export it as NIfTI, NRRD, MHA or a DICOM series"
-        ) from err
 
 
 def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -219,7 +201,7 @@ def convert(
     description = {
         "name": out.name,
         "description": f"converted by custom_components.prepare from {', '.join(map(str, images))}",
-        "tensorImageSize": f"{len(nib.load(out / training[0]['image']).shape)}D",
+        "tensorImageSize": f"{len(read_header(out / training[0]['image']).shape)}D",
         "modality": {str(index): name for index, name in enumerate(modalities)},
         "labels": {str(value): name for value, name in enumerate(names)},
         "numTraining": len(training),
@@ -270,11 +252,13 @@ def check(dataset_dir: Path, image_dims: int | None = None) -> bool:
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` of ``--set``, the value read as YAML (``channels=[16,32,64]``, ``norm=batch``)."""
-    key, separator, value = text.partition("=")
-    if not separator or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. channels=[16,32,64])")
-    return key, yaml.safe_load(value)
+    """``KEY=VALUE`` of ``--set``, read as every ``--set`` is (:func:`custom_components.bundle.parse_key_values`: the
+    value as YAML, ``channels=[16,32,64]`` a list, ``norm=batch`` a string)."""
+    try:
+        ((key, value),) = parse_key_values([text]).items()
+    except KeyValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return key, value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         make_plan(args.dataset_dir, args.memory_gb, args.dim, device, dict(args.set))
         return 0
-    except (DatasetError, PlanError) as err:
+    except (DatasetError, ImageReadError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic datasets and the user's bundle command run in a subprocess."""
+"""Shared fixtures: small synthetic datasets, a trained run folder, and the user's bundle command run in a
+subprocess from a working directory outside the repository."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from custom_components.paths import REPO_ROOT
 from custom_components.synthetic import write_dataset
 
 REPO = REPO_ROOT
+# Where the user's commands run: a folder outside the repository, so that nothing relies on the working directory
+USER_CWD = tempfile.TemporaryDirectory(prefix="user-cwd-")
 
 # Small but real: a few CT-like volumes, a 3-level U-Net and 32x32x16 patches train in seconds on two cores.
 SMALL_3D = {
@@ -51,16 +55,31 @@ def copy_dataset(tmp_path: Path) -> Callable[[Path], Path]:
     return _copy
 
 
-def run_bundle(
-    config_file: str | list[str], overrides: dict[str, str], run_id: str = "training", check: bool = True
-) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run <run_id> --config_file ...`` from the repository root, as a user does."""
-    config = config_file if isinstance(config_file, str) else json.dumps(config_file).replace('"', "'")
+def bundle_args(
+    config_file: str | Path | list[str | Path], overrides: dict[str, object], run_id: str = "training"
+) -> list[str]:
+    """``python -m monai.bundle run <run_id> --config_file ...`` with ``--key value`` overrides; configs of the
+    repository (``bundles/...``) are named by absolute path, as a user names a bundle from elsewhere."""
+    configs = [config_file] if isinstance(config_file, str | Path) else config_file
+    absolute = [str(REPO / path if (REPO / path).is_file() else path) for path in configs]
+    config = absolute[0] if len(absolute) == 1 else json.dumps(absolute).replace('"', "'")
     args = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config]
     for key, value in overrides.items():
         args += [f"--{key}", str(value)]
+    return args
+
+
+def run_bundle(
+    config_file: str | Path | list[str | Path],
+    overrides: dict[str, object],
+    run_id: str = "training",
+    check: bool = True,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """Run the user's bundle command from a working directory outside the repository (``cwd`` or ``USER_CWD``)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    args = bundle_args(config_file, overrides, run_id)
+    result = subprocess.run(args, cwd=cwd or USER_CWD.name, capture_output=True, text=True, env=env, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(
             f"bundle run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -70,3 +89,12 @@ def run_bundle(
 
 def read_metrics(output_dir: Path) -> dict:
     return json.loads((output_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def run3d(dataset3d: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder of the 3D bundle trained for 2 epochs on ``dataset3d``: a bundle of its own (do not modify)."""
+    out = tmp_path_factory.mktemp("runs") / "run3d"
+    overrides = {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": out, "max_epochs": 2, "val_interval": 1}
+    run_bundle("bundles/unet3d/configs/train.yaml", overrides)
+    return out

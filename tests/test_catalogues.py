@@ -11,29 +11,32 @@ from monai.bundle import ConfigParser
 from custom_components.transforms import intensity_transform
 from tests.conftest import REPO
 
-COMMON = REPO / "bundles/common/configs"
+TRAIN_3D = REPO / "bundles/unet3d/configs/train.yaml"
+CATALOGUES = yaml.safe_load(TRAIN_3D.read_text())
 
 
-def _names(file: str) -> list[str]:
-    return list(yaml.safe_load((COMMON / file).read_text()))
+def _names(catalogue: str) -> list[str]:
+    return list(CATALOGUES[catalogue])
 
 
-def _parser(**config) -> ConfigParser:
-    parser = ConfigParser({"imports": ["$import torch", "$import monai"], **config})
+def _parser(**keys) -> ConfigParser:
+    """The bundle's train.yaml with ``keys`` set, as ``--key value`` sets them."""
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN_3D))
+    parser.update({"bundle_root": str(TRAIN_3D.parents[1]), **keys})
     return parser
 
 
-LOSS_CASES = [(name, None) for name in _names("losses.yaml")] + [
+LOSS_CASES = [(name, None) for name in _names("losses")] + [
     (name, [0.2, 1.0, 3.0])
-    for name in _names("losses.yaml")
+    for name in _names("losses")
     if name != "tversky"  # Tversky takes no weights
 ]
 
 
 @pytest.mark.parametrize(("name", "class_weights"), LOSS_CASES)
 def test_every_loss_trains_a_voxel_classifier(name: str, class_weights) -> None:
-    parser = _parser(loss=f"%{COMMON}/losses.yaml#{name}", class_weights=class_weights)
-    loss_fn = parser.get_parsed_content("loss")
+    loss_fn = _parser(loss=name, class_weights=class_weights).get_parsed_content("train#loss_function")
     torch.manual_seed(0)
     label = torch.randint(0, 3, (2, 1, 8, 8, 4))
     logits = torch.zeros(2, 3, 8, 8, 4, requires_grad=True)
@@ -48,20 +51,20 @@ def test_every_loss_trains_a_voxel_classifier(name: str, class_weights) -> None:
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], (name, losses[0], losses[-1])
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "rmsprop"])
-@pytest.mark.parametrize("schedule", _names("optimizers.yaml")[4:])
+@pytest.mark.parametrize("optimizer", _names("optimizers"))
+@pytest.mark.parametrize("schedule", _names("lr_schedulers"))
 def test_every_optimizer_and_schedule_steps(optimizer: str, schedule: str) -> None:
-    assert set(_names("optimizers.yaml")[:4]) == {"adamw", "adam", "sgd", "rmsprop"}
+    assert set(_names("optimizers")) == {"adamw", "adam", "sgd", "rmsprop"}
     parser = _parser(
         network="$torch.nn.Linear(4, 2)",
         learning_rate=0.01,
         weight_decay=1e-5,
         warmup_epochs=2,
         max_epochs=10,
-        optimizer=f"%{COMMON}/optimizers.yaml#{optimizer}",
-        lr_scheduler=f"%{COMMON}/optimizers.yaml#{schedule}",
+        optimizer=optimizer,
+        lr_scheduler=schedule,
     )
-    network, opt, sched = (parser.get_parsed_content(k) for k in ("network", "optimizer", "lr_scheduler"))
+    network, opt, sched = (parser.get_parsed_content(k) for k in ("network", "train#optimizer", "train#lr_scheduler"))
     rates = []
     for _ in range(10):
         opt.zero_grad()
@@ -70,6 +73,15 @@ def test_every_optimizer_and_schedule_steps(optimizer: str, schedule: str) -> No
         sched.step()
         rates.append(opt.param_groups[0]["lr"])
     assert all(0 <= r <= 0.01 + 1e-12 for r in rates) and len(set(rates)) > 1, rates
+
+
+def test_only_the_picked_entries_are_built() -> None:
+    parser = _parser(network="$torch.nn.Linear(4, 2)", learning_rate=0.01, optimizer="sgd", lr_scheduler="step")
+    optimizer = parser.get_parsed_content("train#optimizer")
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert isinstance(parser.get_parsed_content("train#lr_scheduler"), torch.optim.lr_scheduler.StepLR)
+    # the warm-up and cyclic schedules set the rate to 10% when built: neither was built beside the step schedule
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
 def test_intensity_schemes() -> None:

@@ -1,4 +1,4 @@
-"""The evaluate.yaml overlay through the user's command: every validation case scored by the run's best model."""
+"""A run folder's evaluate.yaml: its validation cases on its own dataset, every labelled case on another one."""
 
 from __future__ import annotations
 
@@ -9,21 +9,30 @@ from pathlib import Path
 import pytest
 
 from custom_components.data import case_id, check_datalist, load_dataset_json, split_datalist
+from custom_components.synthetic import write_dataset
 from tests.conftest import SMALL_2D, SMALL_3D, read_metrics, run_bundle
 
-TRAIN_3D = "bundles/unet3d/configs/train.yaml"
-EVALUATE_3D = [TRAIN_3D, "bundles/unet3d/configs/evaluate.yaml"]
+
+def _evaluate(run: Path, overrides: dict, check: bool = True):
+    return run_bundle(run / "configs/evaluate.yaml", overrides, run_id="evaluating", check=check)
 
 
-@pytest.mark.parametrize(("bundle", "small"), [("unet3d", SMALL_3D), ("unet2d", SMALL_2D)])
-def test_evaluation_scores_every_validation_case(dataset3d: Path, tmp_path: Path, bundle: str, small: dict) -> None:
+def _trained(bundle: str, run3d: Path, dataset3d: Path, tmp_path: Path) -> Path:
+    if bundle == "unet3d":
+        return run3d
     run = tmp_path / "run"
-    overrides = {**small, "dataset_dir": dataset3d, "output_dir": run}
-    train = f"bundles/{bundle}/configs/train.yaml"
-    run_bundle(train, {**overrides, "max_epochs": 2, "val_interval": 2})
-    run_bundle([train, f"bundles/{bundle}/configs/evaluate.yaml"], overrides, run_id="evaluating")
+    overrides = {**SMALL_2D, "dataset_dir": dataset3d, "output_dir": run, "max_epochs": 2, "val_interval": 2}
+    run_bundle("bundles/unet2d/configs/train.yaml", overrides)
+    return run
 
-    evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
+
+@pytest.mark.parametrize("bundle", ["unet3d", "unet2d"])
+def test_evaluation_scores_every_validation_case(bundle: str, run3d: Path, dataset3d: Path, tmp_path: Path) -> None:
+    run = _trained(bundle, run3d, dataset3d, tmp_path)
+    out = tmp_path / "evaluation"
+    _evaluate(run, {"output_dir": out})  # nothing but where to write: the run folder knows the rest
+
+    evaluation = json.loads((out / "evaluation.json").read_text())
     datalist = check_datalist(load_dataset_json(dataset3d), dataset3d, num_classes=3)
     _, val = split_datalist(datalist, fold=0, num_folds=int(SMALL_3D["num_folds"]), seed=0)
     assert sorted(evaluation["cases"]) == sorted(case_id(item["image"]) for item in val)
@@ -32,8 +41,8 @@ def test_evaluation_scores_every_validation_case(dataset3d: Path, tmp_path: Path
     assert evaluation["mean_dice"] == pytest.approx(metrics["best_mean_dice"], abs=1e-5)
     for name, dice in metrics["best_dice_per_class"].items():
         assert evaluation["dice_per_class"][name] == pytest.approx(dice, abs=1e-5)
-    assert evaluation["model_path"] == str(run / "model.pt")
-    with open(run / "evaluation" / "val_mean_dice_raw.csv") as handle:
+    assert evaluation["model_path"] == str(run / "models" / "model.pt")
+    with open(out / "val_mean_dice_raw.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(case_id(row["filename"]) for row in rows) == sorted(evaluation["cases"])
     for row in rows:  # MONAI's per-image CSV and evaluation.json hold the same per-case scores
@@ -42,10 +51,27 @@ def test_evaluation_scores_every_validation_case(dataset3d: Path, tmp_path: Path
         assert float(row["class0"]) == pytest.approx(scores["dice"]["organ"], abs=1e-5)
 
 
-def test_missing_model_is_named(dataset3d: Path, tmp_path: Path) -> None:
+def test_another_dataset_is_scored_on_every_labelled_case(run3d: Path, tmp_path: Path) -> None:
+    other = write_dataset(tmp_path / "other", cases=3, seed=7, shape=(40, 40, 16))
+    out = tmp_path / "evaluation"
+    _evaluate(run3d, {"dataset_dir": other, "output_dir": out})
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert sorted(evaluation["cases"]) == ["case_000", "case_001", "case_002"]
+
+
+def test_a_dataset_of_other_classes_is_refused(run3d: Path, tmp_path: Path) -> None:
+    other = write_dataset(tmp_path / "other", cases=3, seed=7, shape=(40, 40, 16))
+    description = json.loads((other / "dataset.json").read_text())
+    description["labels"] = {"0": "background", "1": "liver", "2": "tumour"}
+    (other / "dataset.json").write_text(json.dumps(description))
+    result = _evaluate(run3d, {"dataset_dir": other, "output_dir": tmp_path / "evaluation"}, check=False)
+    assert result.returncode != 0 and "the model segments ['organ', 'lesion']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_model_is_named(run3d: Path, tmp_path: Path) -> None:
     model = tmp_path / "nothing" / "model.pt"
-    overrides = {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": tmp_path / "run", "model_path": model}
-    result = run_bundle(EVALUATE_3D, overrides, run_id="evaluating", check=False)
+    result = _evaluate(run3d, {"model_path": model, "output_dir": tmp_path / "evaluation"}, check=False)
     assert result.returncode != 0
     assert f"model_path {model} does not exist" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,4 +1,5 @@
-"""Inference configs: predictions for new images, written on each input's own grid and affine."""
+"""Inference from a run folder alone: predictions on each input's own grid and affine, the same as the source bundle
+given every training key again; unreadable inputs skipped and listed; a wrong model stopped before any case."""
 
 from __future__ import annotations
 
@@ -11,39 +12,24 @@ import pytest
 from custom_components.synthetic import write_dataset
 from tests.conftest import SMALL_2D, SMALL_3D, run_bundle
 
+# the keys of SMALL_3D that inference uses: what a user had to repeat before run folders were bundles
+INFERENCE_KEYS = ("spacing", "patch_size", "channels", "strides", "num_workers", "progress_bar")
 
-def _configs(bundle: str) -> list[str]:
-    return [f"bundles/{bundle}/configs/train.yaml", f"bundles/{bundle}/configs/inference.yaml"]
 
-
-@pytest.mark.parametrize(
-    ("bundle", "dim", "small"),
-    [("unet3d", 3, SMALL_3D), ("unet2d", 3, SMALL_2D), ("unet2d", 2, SMALL_2D)],
-    ids=["3d-bundle-volumes", "2d-bundle-volumes", "2d-bundle-2d-images"],
-)
-def test_predictions_keep_the_input_geometry(tmp_path: Path, bundle: str, dim: int, small: dict) -> None:
-    shape = (40, 36, 12) if dim == 3 else (48, 40)
-    dataset = write_dataset(tmp_path / "data", cases=4, seed=4, dim=dim, shape=shape)
-    run = tmp_path / "run"
-    run_bundle(
-        f"bundles/{bundle}/configs/train.yaml",
-        {**small, "dataset_dir": dataset, "output_dir": run, "max_epochs": 1, "val_interval": 1},
-    )
-
-    # a new image in another orientation and origin than the training data: the scanner's own space
+def _scans(dataset: Path, folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A training image as it is and stored the other way round with another origin (another scanner's space)."""
     source = nib.load(dataset / "imagesTr" / "case_000.nii.gz")
     flipped = np.flip(np.asarray(source.dataobj), axis=0).copy()
     affine = source.affine.copy()
     affine[0, 0] *= -1
     affine[0, 3] += 100.0
-    inputs = tmp_path / "new"
-    inputs.mkdir()
-    nib.save(nib.Nifti1Image(flipped, affine), inputs / "scan.nii.gz")
-    nib.save(source, inputs / "original.nii.gz")
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(flipped, affine), folder / "scan.nii.gz")
+    nib.save(source, folder / "original.nii.gz")
+    return folder, flipped, affine
 
-    predictions = tmp_path / "predictions"
-    overrides = {**small, "dataset_dir": dataset, "model_path": run / "model.pt", "input_dir": inputs}
-    run_bundle(_configs(bundle), {**overrides, "prediction_dir": predictions}, run_id="inference")
+
+def _check_geometry(predictions: Path, flipped: np.ndarray, affine: np.ndarray) -> np.ndarray:
     prediction = nib.load(predictions / "scan_seg.nii.gz")
     assert prediction.shape == flipped.shape
     np.testing.assert_allclose(prediction.affine, affine, atol=1e-4)
@@ -52,15 +38,64 @@ def test_predictions_keep_the_input_geometry(tmp_path: Path, bundle: str, dim: i
     # the same anatomy stored the other way round gets the same segmentation, stored the other way round
     original = np.asarray(nib.load(predictions / "original_seg.nii.gz").dataobj)
     np.testing.assert_array_equal(labels, np.flip(original, axis=0))
+    return labels
 
 
-def test_missing_input_dir_is_named(dataset3d: Path, tmp_path: Path) -> None:
-    overrides = {
-        **SMALL_3D,
-        "dataset_dir": dataset3d,
-        "model_path": tmp_path / "model.pt",
-        "input_dir": tmp_path / "nope",
-    }
-    result = run_bundle(_configs("unet3d"), overrides, run_id="inference", check=False)
+def test_run_folder_predicts_alone_as_the_source_bundle_with_every_key_repeated(
+    run3d: Path, dataset3d: Path, tmp_path: Path
+) -> None:
+    inputs, flipped, affine = _scans(dataset3d, tmp_path / "new")
+    alone = tmp_path / "alone"
+    run_bundle(run3d / "configs/inference.yaml", {"input_dir": inputs, "output_dir": alone}, run_id="inference")
+    labels = _check_geometry(alone, flipped, affine)
+    repeated = tmp_path / "repeated"
+    overrides = {key: SMALL_3D[key] for key in INFERENCE_KEYS}
+    overrides |= {"model_path": run3d / "models/model.pt", "input_dir": inputs, "output_dir": repeated}
+    run_bundle("bundles/unet3d/configs/inference.yaml", overrides, run_id="inference")
+    np.testing.assert_array_equal(labels, np.asarray(nib.load(repeated / "scan_seg.nii.gz").dataobj))
+
+
+@pytest.mark.parametrize("dim", [3, 2], ids=["2d-bundle-volumes", "2d-bundle-2d-images"])
+def test_2d_predictions_keep_the_input_geometry(tmp_path: Path, dim: int) -> None:
+    shape = (40, 36, 12) if dim == 3 else (48, 40)
+    dataset = write_dataset(tmp_path / "data", cases=4, seed=4, dim=dim, shape=shape)
+    run = tmp_path / "run"
+    overrides = {**SMALL_2D, "dataset_dir": dataset, "output_dir": run, "max_epochs": 1, "val_interval": 1}
+    run_bundle("bundles/unet2d/configs/train.yaml", overrides)
+    inputs, flipped, affine = _scans(dataset, tmp_path / "new")
+    predictions = tmp_path / "predictions"
+    run_bundle(run / "configs/inference.yaml", {"input_dir": inputs, "output_dir": predictions}, run_id="inference")
+    _check_geometry(predictions, flipped, affine)
+
+
+def test_an_unreadable_input_is_skipped_and_listed(run3d: Path, dataset3d: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    (inputs / "good.nii.gz").write_bytes((dataset3d / "imagesTr" / "case_001.nii.gz").read_bytes())
+    corrupt = inputs / "broken.nii.gz"
+    corrupt.write_bytes((dataset3d / "imagesTr" / "case_002.nii.gz").read_bytes()[:2000])  # a cut-off download
+    out = tmp_path / "out"
+    result = run_bundle(
+        run3d / "configs/inference.yaml", {"input_dir": inputs, "output_dir": out}, run_id="inference", check=False
+    )
+    assert result.returncode != 0
+    assert (out / "good_seg.nii.gz").is_file() and not (out / "broken_seg.nii.gz").exists()
+    assert "1 input(s) could not be read" in result.stderr and str(corrupt) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_model_of_other_settings_stops_before_any_case(run3d: Path, dataset3d: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    model = run3d / "models/model.pt"  # trained with 3 levels; the source bundle's default network has 5
+    overrides = {"model_path": model, "input_dir": dataset3d / "imagesTr", "output_dir": out}
+    result = run_bundle("bundles/unet3d/configs/inference.yaml", overrides, run_id="inference", check=False)
+    assert result.returncode != 0 and not out.exists()
+    assert f"model_path {model} does not fit the network" in result.stderr
+    assert "missing" in result.stderr and "other shape" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_input_dir_is_named(run3d: Path, tmp_path: Path) -> None:
+    overrides = {"input_dir": tmp_path / "nope", "output_dir": tmp_path / "out"}
+    result = run_bundle(run3d / "configs/inference.yaml", overrides, run_id="inference", check=False)
     assert result.returncode != 0 and f"input_dir {tmp_path / 'nope'} does not exist" in result.stderr
     assert "Traceback" not in result.stderr

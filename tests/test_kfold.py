@@ -1,7 +1,8 @@
 """K-fold cross-validation: the splits' guarantees, and a real 3-fold run through the user's command.
 
 The real run is killed once its first fold is finished and started again, as a lost job would be; the tests
-after it read what the resumed run left: which folds trained again, the report, and the ensemble.
+after it read what the resumed run left: which folds trained again, the report, and the ensemble. Each fold folder
+is a run bundle; the ensemble is built from the folds' own configs, never from what kfold.json says.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +22,19 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+from fire.parser import DefaultParseValue
 
-from custom_components.kfold.bundle import Bundle
+from custom_components.bundle import command_line_value
+from custom_components.kfold import runner
+from custom_components.kfold.__main__ import main
+from custom_components.kfold.bundle import Bundle, parse_set
+from custom_components.kfold.ensemble import predict
+from custom_components.kfold.layout import Fold
 from custom_components.kfold.report import bootstrap_ci, spread
-from custom_components.kfold.runner import fold_environment, prepare
+from custom_components.kfold.runner import CrossValidation, fold_environment, prepare
 from custom_components.kfold.splits import KFoldError, describe_cases, load_splits, make_splits
 from custom_components.synthetic import write_dataset
-from tests.conftest import REPO, SMALL_3D
+from tests.conftest import REPO, SMALL_2D, SMALL_3D, USER_CWD
 
 CLASSES = ["organ", "lesion"]
 DATASET_JSON = Path("dataset.json")  # only named in error messages by the splitter
@@ -161,7 +169,7 @@ def test_given_splits_file_is_used_as_is(tmp_path: Path) -> None:
     ]
     (tmp_path / "given.json").write_text(json.dumps(given))
     output = tmp_path / "cv"
-    bundle = Bundle.find(REPO / "bundles/unet3d", overlays=("evaluate",))
+    bundle = Bundle.find(REPO / "bundles/unet3d")
     state = prepare(bundle, dataset, output, None, 0, "auto", None, 1, {}, tmp_path / "given.json")
     assert state["fold_count"] == 2 and state["split_count"] == 2
     written = json.loads((output / "splits.json").read_text())
@@ -186,6 +194,79 @@ def test_parallel_folds_share_the_machine() -> None:
     assert fold_environment(slot=1, parallel=3, cpus=8, gpus=[]) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     assert fold_environment(slot=1, parallel=4, cpus=2, gpus=["0"]) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     assert fold_environment(slot=0, parallel=1, cpus=8, gpus=[]) == {}
+
+
+def test_set_values_are_yaml_and_reach_the_bundle_as_given() -> None:
+    pairs = ["channels=[16,32,64]", "norm=batch", "amp=false", "class_weights=null", "learning_rate=1e-3"]
+    pairs += ["intensity#window=[864,1264]", "name='True'", "tag='a#b'", "loss=$@losses['dice']"]
+    values = parse_set(pairs)
+    assert values == {
+        "channels": [16, 32, 64],
+        "norm": "batch",
+        "amp": False,
+        "class_weights": None,
+        "learning_rate": 0.001,
+        "intensity#window": [864, 1264],
+        "name": "True",
+        "tag": "a#b",
+        "loss": "$@losses['dice']",
+    }
+    for value in values.values():  # fire, MONAI's command line, reads the written value back as it was
+        parsed = DefaultParseValue(command_line_value(value))
+        assert parsed == value and type(parsed) is type(value), value
+    with pytest.raises(KFoldError, match="--set output_dir: the K-fold run sets it for every fold; use --output"):
+        parse_set(["output_dir=elsewhere"])
+    with pytest.raises(KFoldError, match="'max_epochs': write KEY=VALUE"):
+        parse_set(["max_epochs"])
+
+
+def test_a_fold_trains_unless_trained_then_scores_with_its_own_configs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[list[str], Path]] = []
+    returncodes = {"training": 0, "evaluating": 0}
+
+    def run_logged(command: list[str], log: Path, cwd: Path, env: dict) -> int:
+        calls.append((command, cwd))
+        return returncodes[command[4]]
+
+    monkeypatch.setattr(runner, "_run_logged", run_logged)
+    bundle = Bundle.find(REPO / "bundles/unet3d")
+    overrides = {"channels": [16, 32], "norm": "batch", "name": "True"}
+    cv = CrossValidation(bundle, tmp_path / "data", tmp_path / "cv", 5, overrides, max_epochs=2)
+    fold = Fold(index=1, repeat=0, fold=1, path=tmp_path / "cv" / "fold_1")
+    evaluate = ["evaluating", "--config_file", str(fold.path / "configs/evaluate.yaml")]
+    evaluate += ["--output_dir", str(fold.path / "evaluation")]  # nothing else: every key is in the fold's config
+
+    assert runner.run_fold(cv, fold, {}) is None  # a new fold: trained, then scored, both from its folder
+    (train, train_cwd), (score, score_cwd) = calls
+    assert train_cwd == score_cwd == fold.path
+    assert train[4:7] == ["training", "--config_file", str(bundle.config("train"))]
+    assert {key[2:]: DefaultParseValue(value) for key, value in zip(train[7::2], train[8::2], strict=True)} == {
+        "progress_bar": False,
+        **overrides,
+        "dataset_dir": str(tmp_path / "data"),
+        "output_dir": str(fold.path),
+        "fold": 1,
+        "splits_file": str(tmp_path / "cv" / "splits.json"),
+        "seed": 5,
+    }
+    assert score[4:] == evaluate
+
+    calls.clear()
+    (fold.path / "metrics.json").write_text(json.dumps({"epochs": 2}))
+    assert runner.run_fold(cv, fold, {}) is None  # trained but not scored: only scored
+    assert [command[4:] for command, _ in calls] == [evaluate]
+
+    calls.clear()
+    (fold.path / "metrics.json").write_text(json.dumps({"epochs": 1}))
+    (fold.path / "evaluation").mkdir()
+    (fold.path / "evaluation" / "evaluation.json").write_text("{}")
+    returncodes["training"] = 3
+    assert runner.run_fold(cv, fold, {}) == f"{fold.name}: training exited with status 3; see {fold.path / 'fold.log'}"
+    assert [command[4] for command, _ in calls] == ["training"]  # not scored after a failed training
+    assert not (fold.path / "evaluation" / "evaluation.json").exists()  # the score of a shorter training is gone
+    assert json.loads((fold.path / "failed.json").read_text())["step"] == "training"
 
 
 def test_spread_and_bootstrap_interval() -> None:
@@ -213,14 +294,15 @@ def cross_validation(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespac
     description["training"], description["test"] = description["training"][:6], description["training"][6:]
     (dataset / "dataset.json").write_text(json.dumps(description))
     output = root / "cv"
-    command = [*KFOLD, "run", "--bundle", "bundles/unet3d", "--dataset_dir", str(dataset), "--folds", "3"]
+    bundle = str(REPO / "bundles/unet3d")
+    command = [*KFOLD, "run", "--bundle", bundle, "--dataset_dir", str(dataset), "--folds", "3"]
     command += ["--output", str(output), "--set", *[f"{k}={v}" for k, v in FOLD_OVERRIDES.items()]]
 
     first = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command, cwd=USER_CWD.name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 300
-    fold1_checkpoint = output / "fold_1" / "checkpoint_last.pt"
+    fold1_checkpoint = output / "fold_1" / "models" / "checkpoint_last.pt"
     while not fold1_checkpoint.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)  # the run and the fold it is training, like a lost job
@@ -229,9 +311,9 @@ def cross_validation(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespac
     assert (output / "fold_0" / "evaluation" / "evaluation.json").exists()
     assert not (output / "fold_1" / "evaluation" / "evaluation.json").exists(), "fold 1 ended before the kill"
     fold0 = output / "fold_0"
-    before = {name: (fold0 / name).stat().st_mtime_ns for name in ("model.pt", "metrics.json", "fold.log")}
+    before = {name: (fold0 / name).stat().st_mtime_ns for name in ("models/model.pt", "metrics.json", "fold.log")}
 
-    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(command, cwd=USER_CWD.name, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     return SimpleNamespace(dataset=dataset, output=output, fold0_before=before, log=second.stdout + second.stderr)
 
@@ -242,6 +324,9 @@ def test_restart_skips_finished_folds_and_resumes_the_interrupted_one(cross_vali
     assert "fold_0: training" not in cross_validation.log
     assert {n: (fold0 / n).stat().st_mtime_ns for n in cross_validation.fold0_before} == cross_validation.fold0_before
     assert "resumed from" in (output / "fold_1" / "fold.log").read_text()  # from its first epoch's checkpoint
+    for fold in ("fold_0", "fold_1", "fold_2"):  # each fold folder is a run bundle that resumes and scores in place
+        assert (output / fold / "configs" / "train.yaml").read_text().count('output_dir: "$@bundle_root"') == 1
+        assert (output / fold / "models" / "model.pt").is_file()
     with open(output / "fold_1" / "learning_curve.csv") as handle:
         assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2]
     for fold in ("fold_1", "fold_2"):
@@ -285,9 +370,43 @@ def test_ensemble_prediction_is_on_the_input_grid(cross_validation: SimpleNamesp
     image = np.flip(np.asarray(source.dataobj), axis=0).copy()
     nib.save(nib.Nifti1Image(image, affine), tmp_path / "scan.nii.gz")
     command = [*KFOLD, "predict", str(cross_validation.output), "--images", str(tmp_path / "scan.nii.gz")]
-    result = subprocess.run([*command, "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    command += ["--out", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=USER_CWD.name, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     prediction = nib.load(tmp_path / "out" / "scan_seg.nii.gz")
     assert prediction.shape == image.shape
     np.testing.assert_allclose(prediction.affine, affine, atol=1e-4)
     assert set(np.unique(np.asarray(prediction.dataobj)).tolist()) <= {0, 1, 2}
+
+
+def test_predict_takes_no_code_from_kfold_json(cross_validation: SimpleNamespace, tmp_path: Path) -> None:
+    """kfold.json is a record: an expression planted in it is never evaluated; the folds' own configs decide."""
+    output = Path(shutil.copytree(cross_validation.output, tmp_path / "cv"))  # a moved run folder predicts too
+    marker = tmp_path / "PWNED_kfold"
+    planted = f"$open({str(marker)!r}, 'w')"
+    state = json.loads((output / "kfold.json").read_text())
+    state["overrides"].update({key: planted for key in ("network", "num_classes", "channels", "input_dir")})
+    (output / "kfold.json").write_text(json.dumps(state))
+    written = predict(output, [cross_validation.dataset / "imagesTr" / "case_000.nii.gz"], tmp_path / "out")
+    assert not marker.exists()
+    assert written == [tmp_path / "out" / "case_000_seg.nii.gz"] and written[0].is_file()
+
+
+def test_kfold_run_on_png_images_with_a_copied_bundle(tmp_path: Path) -> None:
+    """`kfold run` on native 2D PNG images (2 folds of 1 epoch, in parallel) with a copy of the 2D bundle outside the
+    repository: every case gets an out-of-fold Dice."""
+    dataset = write_dataset(tmp_path / "png", cases=6, seed=0, dim=2, shape=(48, 40), image_format="png")
+    bundle = shutil.copytree(REPO / "bundles/unet2d", tmp_path / "my_unet2d")
+    keys = {k: v for k, v in SMALL_2D.items() if k != "num_folds"}
+    keys.update(max_epochs="1", val_interval="1", warmup_epochs="1")
+    keys["intensity#window"] = "[864,1264]"  # PNG holds HU + 1024: the CT window moves with it
+    output = tmp_path / "cv"
+    argv = ["run", "--bundle", str(bundle), "--dataset_dir", str(dataset), "--folds", "2", "--output", str(output)]
+    argv += ["--parallel", "2"]  # both folds at once, a thread each: what keeps this test short
+    assert main([*argv, "--set", *[f"{key}={value}" for key, value in keys.items()]]) == 0
+    report = json.loads((output / "report.json").read_text())
+    assert [fold["status"] for fold in report["folds"]] == ["finished"] * 2
+    oof = report["out_of_fold"]
+    assert sorted(oof) == [f"case_00{i}" for i in range(6)] and not report["missing_out_of_fold"]
+    assert all(np.isfinite(score["mean_dice"]) and len(score["folds"]) == 1 for score in oof.values())
+    assert "case_005" in (output / "report.md").read_text()

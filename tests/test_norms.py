@@ -246,5 +246,5 @@ def test_bundle_trains_with_group_ws_and_no_skips(dataset3d: Path, tmp_path: Pat
     metrics = read_metrics(out)
     assert metrics["epochs"] == 2 and 0.0 <= metrics["best_mean_dice"] <= 1.0
     expected = unet(3, 1, 3, [16, 32, 64], [2, 2], num_res_units=2, norm="group_ws", skip_connections=False)
-    expected.load_state_dict(torch.load(out / "model.pt", weights_only=True))  # the skip-less shapes, strictly
+    expected.load_state_dict(torch.load(out / "models/model.pt", weights_only=True))  # skip-less shapes, strictly
     assert metrics["parameters"] == sum(p.numel() for p in expected.parameters())

@@ -1,6 +1,6 @@
 """K-fold cross-validation of a bundle: stratified/grouped splits, folds run and resumed, a report, an ensemble.
 
-Command line (from any folder; the bundle's repository is found from ``--bundle``)::
+Command line (from any folder; ``--bundle`` is any bundle folder, a copied one too)::
 
     python -m custom_components.kfold run --bundle bundles/unet3d --dataset_dir DIR --folds 5 --output runs/cv3d
     python -m custom_components.kfold report runs/cv3d

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from custom_components.data import DatasetError
+from custom_components.imageio import ImageReadError
 from custom_components.kfold.bundle import parse_set
 from custom_components.kfold.ensemble import predict
 from custom_components.kfold.report import write_report
@@ -33,7 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of the splits and of each fold's training")
     run.add_argument("--parallel", type=int, default=1, help="folds at once (one GPU each where there are several)")
     run.add_argument("--splits_file", help="nnU-Net splits_final.json to use as is instead of making splits")
-    run.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="bundle keys for every fold")
+    run.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="bundle keys for every fold, values read as YAML (channels=[16,32,64] norm=batch amp=false)",
+    )
     run.add_argument("--cv_threshold", type=float, default=0.1, help="largest fold-Dice CV called stable (0.1 = 10%%)")
 
     report = commands.add_parser("report", help="(re)write report.json, report.md and the plots of a run")
@@ -42,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ensemble = commands.add_parser("predict", help="segment images with the fold models' averaged softmax")
     ensemble.add_argument("output", help="the run folder")
-    ensemble.add_argument("--images", nargs="+", required=True, help="NIfTI files or folders of them")
-    ensemble.add_argument("--out", required=True, help="folder for the label maps (<case id>.nii.gz)")
+    ensemble.add_argument("--images", nargs="+", required=True, help="images (NIfTI, PNG, TIFF) or folders of them")
+    ensemble.add_argument("--out", required=True, help="folder for the label maps (<case id>_seg.nii.gz)")
     return parser
 
 
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             written = predict(args.output, args.images, args.out)
             print(f"wrote {len(written)} label map(s) to {args.out}")
             return 0
-    except (KFoldError, DatasetError) as err:
+    except (KFoldError, DatasetError, ImageReadError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         sys.exit("interrupted: start the same command again to resume")

@@ -1,9 +1,12 @@
 """The fold models as one: their softmax outputs averaged on new images, as nnU-Net ships its final model.
 
-Built on the bundle's inference overlay (configs/inference.yaml), so an image goes through exactly what a single
-model's inference does: its preprocessing, the bundle's ``val_inferer``, then ``Invertd`` back onto the input's
-grid and affine, argmax and ``SaveImaged``. Only the softmax moves: MONAI's ``EnsembleEvaluator`` predicts with
-every fold, each prediction is softmaxed and ``MeanEnsembled`` averages the class probabilities.
+Built from the folds' own run bundles: the first finished fold's ``configs/inference.yaml`` (every model key
+literal in it, read as data; the other folds' must agree) gives the preprocessing, the inferer and the
+postprocessing, so an image goes through exactly what one fold's ``monai.bundle run inference`` does: its
+preprocessing, the ``inferer``, then ``Invertd`` back onto the input's grid and affine, argmax and ``SaveImaged``.
+Each fold's ``models/model.pt`` is loaded (tensors only) into a copy of that network. Only the softmax moves:
+MONAI's ``EnsembleEvaluator`` predicts with every fold, each prediction is softmaxed and ``MeanEnsembled`` averages
+the class probabilities. Nothing of kfold.json reaches the config parser.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 from monai.engines import EnsembleEvaluator
 from monai.metrics import compute_dice
@@ -25,14 +27,25 @@ from monai.networks.utils import one_hot
 from monai.transforms import Activationsd, Compose, MeanEnsembled, SaveImaged
 
 from custom_components.data import DatasetError, case_id, check_datalist, list_images, load_dataset_json
-from custom_components.handlers import atomic_write_json
-from custom_components.kfold.bundle import Bundle
+from custom_components.handlers import MODEL_FILE, ModelError, atomic_write_json, load_weights
+from custom_components.imageio import read_image
 from custom_components.kfold.evaluation import dice_scores
-from custom_components.kfold.layout import ENSEMBLE_TEST_FILE, Fold, fold_finished, fold_layout, read_state
+from custom_components.kfold.layout import (
+    ENSEMBLE_TEST_FILE,
+    INFERENCE_CONFIG,
+    Fold,
+    fold_finished,
+    fold_layout,
+    read_state,
+)
 from custom_components.kfold.splits import KFoldError
-from custom_components.paths import working_directory
 
 logger = logging.getLogger(__name__)
+
+# Keys of a fold's inference.yaml that say where and how it runs, not what the model is: they may differ by fold.
+RUN_ONLY_KEYS = frozenset(
+    "_meta_ bundle_root output_dir model_path input_dir dataset_dir device amp num_workers progress_bar".split()
+)
 
 
 def ensemble_folds(output: Path, state: dict[str, Any]) -> list[Fold]:
@@ -45,50 +58,76 @@ def ensemble_folds(output: Path, state: dict[str, Any]) -> list[Fold]:
 
 
 def image_paths(images: Sequence[str | Path]) -> list[Path]:
-    """NIfTI files named directly or found in the named folders (sorted), each checked to exist."""
+    """Image files (NIfTI, PNG, TIFF) named directly or found in the named folders (sorted), each checked to exist."""
     paths = []
     for image in images:
         try:
-            paths += [Path(item["image"]) for item in list_images(image)]
+            paths += [Path(item["image"]).resolve() for item in list_images(image)]
         except DatasetError as err:
-            raise KFoldError(f"--images {image} is neither a NIfTI file (.nii, .nii.gz) nor a folder of them") from err
+            raise KFoldError(f"--images {image} is neither an image (NIfTI, PNG, TIFF) nor a folder of them") from err
     return paths
+
+
+def inference_parser(folds: Sequence[Fold]) -> ConfigParser:
+    """A ConfigParser of the first fold's ``configs/inference.yaml`` (its ``bundle_root`` that fold's folder), after
+    checking that every fold's inference.yaml describes the same model: same keys and values, apart from where and
+    how it runs (:data:`RUN_ONLY_KEYS`). The files are read as data; nothing is evaluated until a key is parsed."""
+    configs = {}
+    for fold in folds:
+        path = fold.path / INFERENCE_CONFIG
+        if not path.is_file():
+            raise KFoldError(
+                f"{path} is missing: {fold.name} is not a run bundle (trained before run folders held their configs?); "
+                "cross-validate again into a new --output"
+            )
+        configs[fold.name] = ConfigParser.load_config_file(str(path))
+    (first, reference), *others = configs.items()
+    for name, config in others:
+        differ = sorted(
+            key
+            for key in (set(reference) | set(config)) - RUN_ONLY_KEYS
+            if reference.get(key, KeyError) != config.get(key, KeyError)
+        )
+        if differ:
+            raise KFoldError(
+                f"the folds' models differ: {first}/{INFERENCE_CONFIG} and {name}/{INFERENCE_CONFIG} disagree on "
+                f"{', '.join(differ)}; an ensemble averages models of one configuration: cross-validate again into a "
+                "new --output, or remove the odd fold's folder"
+            )
+    parser = ConfigParser(reference)
+    parser["bundle_root"] = str(folds[0].path)
+    return parser
 
 
 def predict(output: str | Path, images: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     """Segment ``images`` with the ensemble of the run in ``output``; the label maps written to ``out_dir``.
 
-    Every finished fold's ``model.pt`` predicts each image; the folds' softmax are averaged and the result
-    goes through the inference overlay's postprocessing. Returns the written files (``<case id>_seg.nii.gz``).
+    Every finished fold's ``models/model.pt`` predicts each image; the folds' softmax are averaged and the result
+    goes through the postprocessing of the folds' ``configs/inference.yaml``. Returns the written files
+    (``<case id>_seg.nii.gz``).
     """
     output = Path(output).resolve()
-    state = read_state(output)
+    state = read_state(output)  # which folds exist and are finished: nothing of it goes into the parser
     folds = ensemble_folds(output, state)
     paths = image_paths(images)
-    bundle = Bundle.find(state["bundle"], overlays=("inference",))
-    overrides = {
-        **state["overrides"],
-        "dataset_dir": state["dataset_dir"],
-        "num_classes": str(state["num_classes"]),
-        "in_channels": str(state["in_channels"]),
-        "input_dir": str(paths[0]),  # what the overlay's own file list would read; the loader below gets them all
-        "prediction_dir": str(Path(out_dir).resolve()),
-    }
-    parser = bundle.parser(overrides, overlays=("inference",))
-    with working_directory(bundle.root):
-        device = parser.get_parsed_content("device")
-        network = parser.get_parsed_content("network")
-        preprocessing = parser.get_parsed_content("infer#preprocessing")
-        postprocessing = parser.get_parsed_content("infer#postprocessing")
-        inferer = parser.get_parsed_content("val_inferer")
-        amp = parser.get_parsed_content("amp")
+    out_dir = Path(out_dir).resolve()
+    parser = inference_parser(folds)
+    parser["input_dir"] = str(paths[0])  # what its own input list reads (2D: volumes or images); the loader gets all
+    parser["output_dir"] = str(out_dir)  # SaveImaged writes here
+    device = parser.get_parsed_content("device")
+    network = parser.get_parsed_content("network")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    postprocessing = parser.get_parsed_content("postprocessing")
+    inferer = parser.get_parsed_content("inferer")
+    amp = parser.get_parsed_content("amp")
     networks = []
     for fold in folds:
-        model = copy.deepcopy(network)
-        model.load_state_dict(torch.load(fold.path / "model.pt", map_location=device, weights_only=True))
-        networks.append(model)
+        try:
+            networks.append(load_weights(copy.deepcopy(network), fold.path / MODEL_FILE, device))
+        except ModelError as err:
+            raise KFoldError(f"{fold.name}: {err}") from err
     keys = [f"pred_{fold.name}" for fold in folds]
-    # the overlay's postprocessing without its softmax, which is applied to each fold before the average
+    # the inference postprocessing without its softmax, which is applied to each fold before the average
     after_softmax = [t for t in postprocessing.transforms if not isinstance(t, Activationsd)]
     ensemble_postprocessing = Compose(
         [Activationsd(keys=keys, softmax=True), MeanEnsembled(keys=keys, output_key="pred"), *after_softmax]
@@ -103,7 +142,7 @@ def predict(output: str | Path, images: Sequence[str | Path], out_dir: str | Pat
         postprocessing=ensemble_postprocessing,
         amp=amp,
     )
-    logger.info("ensemble of %d folds on %d image(s) into %s", len(folds), len(paths), overrides["prediction_dir"])
+    logger.info("ensemble of %d folds on %d image(s) into %s", len(folds), len(paths), out_dir)
     evaluator.run()
     saver = next(t for t in after_softmax if isinstance(t, SaveImaged)).saver
     return [Path(saver.folder_layout.filename(subject=str(path))) for path in paths]
@@ -133,8 +172,8 @@ def score_test_cases(output: str | Path) -> dict[str, Any] | None:
     predictions = predict(output, [entry["image"] for entry in checked], path.parent / "test")
     rows = []
     for entry, prediction in zip(checked, predictions, strict=True):
-        predicted = torch.as_tensor(np.asarray(nib.load(prediction).dataobj), dtype=torch.long)
-        label = torch.as_tensor(np.asarray(nib.load(entry["label"]).dataobj), dtype=torch.long)
+        predicted = torch.as_tensor(read_image(prediction)[0], dtype=torch.long)
+        label = torch.as_tensor(read_image(entry["label"])[0], dtype=torch.long)
         onehots = [one_hot(x.reshape(label.shape)[None, None], state["num_classes"], dim=1) for x in (predicted, label)]
         rows.append(compute_dice(*onehots, include_background=False, ignore_empty=True)[0])
     cases = [case_id(entry["image"]) for entry in checked]

@@ -1,4 +1,10 @@
-"""The files of a cross-validation output folder, and which folds in it are finished."""
+"""The files of a cross-validation output folder, and which folds in it are finished.
+
+Each fold folder is a training run, so a bundle of its own (``custom_components.run_bundle``): ``configs/``
+(train, inference, evaluate: every key as the fold resolved it), ``models/model.pt`` (best weights),
+``models/checkpoint_last.pt``, ``metrics.json``; the K-fold run adds ``fold.log``, ``evaluation/`` (the fold's
+own evaluate.yaml scoring its validation cases) and, if a step failed, ``failed.json``.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,15 @@ from typing import Any
 
 from custom_components.kfold.splits import KFoldError
 
-STATE_FILE = "kfold.json"  # the options of the run and what was read from the bundle and dataset.json
+STATE_FILE = "kfold.json"  # the options of the run and what was read from the bundle and dataset.json (data only)
 CASES_FILE = "cases.json"  # per case: classes present, foreground size, dataset.json fields
 SPLITS_FILE = "splits.json"  # nnU-Net splits_final.json form, written before any training
 FAILED_FILE = "failed.json"  # in a fold folder: the step that failed, its exit status and log
-EVALUATION_FILE = Path("evaluation") / "evaluation.json"  # in a fold folder: written by the evaluate.yaml overlay
+METRICS_FILE = "metrics.json"  # in a fold folder: written by training (epochs trained, best Dice)
+EVALUATION_DIR = "evaluation"  # in a fold folder: where its own configs/evaluate.yaml writes the scores
+EVALUATION_FILE = Path(EVALUATION_DIR) / "evaluation.json"
+INFERENCE_CONFIG = Path("configs") / "inference.yaml"  # in a fold folder: the fold's model as a bundle predicts
+EVALUATE_CONFIG = Path("configs") / "evaluate.yaml"  # in a fold folder: the fold's model scored on its val cases
 ENSEMBLE_TEST_FILE = Path("ensemble") / "test_dice.json"  # the fold ensemble scored on dataset.json's test cases
 # The options that define a run: starting it again with other values would mix folds of two experiments.
 IDENTITY = ("bundle", "dataset_dir", "folds", "repeats", "seed", "stratify", "group", "splits_file", "overrides")
@@ -58,9 +68,12 @@ def fold_layout(output: Path, folds: int, count: int) -> list[Fold]:
     ]
 
 
+def training_finished(path: Path, max_epochs: int) -> bool:
+    """The fold's ``metrics.json`` says it trained ``max_epochs`` epochs."""
+    metrics = path / METRICS_FILE
+    return metrics.is_file() and json.loads(metrics.read_text()).get("epochs", 0) >= max_epochs
+
+
 def fold_finished(path: Path, max_epochs: int) -> bool:
-    """Trained for ``max_epochs`` and scored: ``metrics.json`` says so and ``evaluation.json`` exists."""
-    metrics = path / "metrics.json"
-    if not (metrics.is_file() and (path / EVALUATION_FILE).is_file()):
-        return False
-    return json.loads(metrics.read_text()).get("epochs", 0) >= max_epochs
+    """Trained for ``max_epochs`` and scored: ``metrics.json`` says so and ``evaluation/evaluation.json`` exists."""
+    return (path / EVALUATION_FILE).is_file() and training_finished(path, max_epochs)

@@ -1,10 +1,13 @@
-"""Every fold of a cross-validation through the bundle's own ``monai.bundle`` command: resumable, in parallel.
+"""Every fold of a cross-validation through the user's own ``monai.bundle`` commands: resumable, in parallel.
 
-Each fold runs ``train_evaluate`` of train.yaml + evaluate.yaml in its own folder (``fold`` / ``splits_file`` /
-``output_dir`` overridden) with its own log: training, then the evaluate overlay scoring the best model on the
-fold's validation cases. A fold counts as finished once it has trained ``max_epochs`` and been scored; a run
-started again skips finished folds, and the bundle resumes unfinished ones from their ``checkpoint_last.pt``.
-A failed fold is recorded and the others go on.
+Each fold is two commands, run from its own folder with its own log: ``training`` of the bundle's train.yaml
+(the user's ``--set`` keys, ``fold`` / ``splits_file`` / ``output_dir`` / ``seed`` set per fold), which makes the
+fold folder a run bundle (``custom_components.run_bundle``); then ``evaluating`` of that fold's own
+``configs/evaluate.yaml``, which scores its best model on its validation cases (the fold, the splits file and every
+model key are literal in it: nothing is replayed). A fold counts as finished once it has trained ``max_epochs`` and
+been scored; a run started again skips finished folds, only scores a trained but unscored one, and the bundle
+resumes an interrupted training from its ``models/checkpoint_last.pt`` (same ``output_dir``). A failed fold is
+recorded and the others go on.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +29,16 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from custom_components.bundle import bundle_command, command_line_value
 from custom_components.data import check_datalist, load_dataset_json
 from custom_components.handlers import atomic_write_json
 from custom_components.kfold.bundle import Bundle
 from custom_components.kfold.ensemble import score_test_cases
 from custom_components.kfold.layout import (
     CASES_FILE,
+    EVALUATE_CONFIG,
+    EVALUATION_DIR,
+    EVALUATION_FILE,
     FAILED_FILE,
     IDENTITY,
     SPLITS_FILE,
@@ -38,14 +46,28 @@ from custom_components.kfold.layout import (
     Fold,
     fold_finished,
     fold_layout,
+    training_finished,
 )
 from custom_components.kfold.report import write_report
 from custom_components.kfold.splits import KFoldError, describe_cases, load_splits, make_splits
 
 logger = logging.getLogger(__name__)
 
-# Fold logs are files: no progress-bar redraws in them unless the user asks (--set progress_bar=True).
-FOLD_DEFAULTS = {"progress_bar": "False"}
+# Fold logs are files: no progress-bar redraws in them unless the user asks (--set progress_bar=true).
+FOLD_DEFAULTS = {"progress_bar": False}
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """What every fold of one ``kfold run`` gets: the options of this invocation (the user's command line), never
+    values read back from kfold.json, and ``max_epochs`` as read from the bundle with them."""
+
+    bundle: Bundle
+    dataset_dir: Path
+    output: Path
+    seed: int
+    overrides: Mapping[str, Any]
+    max_epochs: int
 
 
 def available_cpus() -> int:
@@ -74,17 +96,29 @@ def fold_environment(slot: int, parallel: int, cpus: int, gpus: Sequence[str]) -
     return {}
 
 
-def fold_overrides(state: Mapping[str, Any], output: Path, fold: Fold) -> dict[str, str]:
-    """The bundle keys of one fold: the user's ``--set`` pairs plus this fold's split, folder and seed."""
+def fold_overrides(cv: CrossValidation, fold: Fold) -> dict[str, Any]:
+    """The bundle keys of one fold's training: the user's ``--set`` keys plus this fold's split, folder and seed."""
     return {
         **FOLD_DEFAULTS,
-        **state["overrides"],
-        "dataset_dir": state["dataset_dir"],
+        **cv.overrides,
+        "dataset_dir": str(cv.dataset_dir),
         "output_dir": str(fold.path),
-        "fold": str(fold.index),
-        "splits_file": str(output / SPLITS_FILE),
-        "seed": str(state["seed"] + fold.repeat),
+        "fold": fold.index,
+        "splits_file": str(cv.output / SPLITS_FILE),
+        "seed": cv.seed + fold.repeat,
     }
+
+
+def training_command(cv: CrossValidation, fold: Fold) -> list[str]:
+    """``python -m monai.bundle run training`` of the bundle's train.yaml for ``fold``; every value written so that
+    the bundle receives exactly the value given (a string stays a string)."""
+    overrides = {key: command_line_value(value) for key, value in fold_overrides(cv, fold).items()}
+    return bundle_command("training", [cv.bundle.config("train")], overrides)
+
+
+def evaluation_command(fold: Fold) -> list[str]:
+    """``python -m monai.bundle run evaluating`` of the fold's own configs/evaluate.yaml into its evaluation/."""
+    return bundle_command("evaluating", [fold.path / EVALUATE_CONFIG], {"output_dir": fold.path / EVALUATION_DIR})
 
 
 def _run_logged(command: list[str], log: Path, cwd: Path, env: Mapping[str, str]) -> int:
@@ -95,25 +129,29 @@ def _run_logged(command: list[str], log: Path, cwd: Path, env: Mapping[str, str]
         return subprocess.run(command, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def run_fold(bundle: Bundle, state: Mapping[str, Any], output: Path, fold: Fold, env: Mapping[str, str]) -> str | None:
-    """Train one fold (resuming it if it was interrupted) and score it; an error message, or None if it finished."""
+def run_fold(cv: CrossValidation, fold: Fold, env: Mapping[str, str]) -> str | None:
+    """Train one fold (resuming it if it was interrupted) unless it is trained, then score it with its own
+    evaluate.yaml; an error message, or None if it finished. Both commands run in the fold folder."""
     fold.path.mkdir(parents=True, exist_ok=True)
     (fold.path / FAILED_FILE).unlink(missing_ok=True)
     log = fold.path / "fold.log"
-    logger.info("%s: training and scoring (log: %s)", fold.name, log)
-    command = bundle.command("train_evaluate", fold_overrides(state, output, fold), overlays=("evaluate",))
-    returncode = _run_logged(command, log, bundle.root, env)
-    if returncode != 0:
-        atomic_write_json({"returncode": returncode, "log": str(log)}, fold.path / FAILED_FILE)
-        return f"{fold.name}: exited with status {returncode}; see {log}"
+    steps = []
+    if not training_finished(fold.path, cv.max_epochs):
+        (fold.path / EVALUATION_FILE).unlink(missing_ok=True)  # a score of a shorter training would be stale
+        steps.append(("training", training_command(cv, fold)))
+    steps.append(("evaluating", evaluation_command(fold)))
+    for step, command in steps:
+        logger.info("%s: %s (log: %s)", fold.name, step, log)
+        returncode = _run_logged(command, log, fold.path, env)
+        if returncode != 0:
+            atomic_write_json({"step": step, "returncode": returncode, "log": str(log)}, fold.path / FAILED_FILE)
+            return f"{fold.name}: {step} exited with status {returncode}; see {log}"
     return None
 
 
-def run_folds(
-    bundle: Bundle, state: Mapping[str, Any], output: Path, folds: Sequence[Fold], parallel: int
-) -> list[str]:
+def run_folds(cv: CrossValidation, folds: Sequence[Fold], parallel: int) -> list[str]:
     """Run the unfinished folds, ``parallel`` at a time; the error messages of those that failed."""
-    todo = [fold for fold in folds if not fold_finished(fold.path, state["max_epochs"])]
+    todo = [fold for fold in folds if not fold_finished(fold.path, cv.max_epochs)]
     for fold in folds:
         if fold not in todo:
             logger.info("%s: already finished, skipped", fold.name)
@@ -130,7 +168,7 @@ def run_folds(
         slot = slots.get()
         try:
             env = {**os.environ, **fold_environment(slot, parallel, cpus, gpus)}
-            return run_fold(bundle, state, output, fold, env)
+            return run_fold(cv, fold, env)
         finally:
             slots.put(slot)
 
@@ -160,7 +198,7 @@ def _check_identity(path: Path, state: Mapping[str, Any]) -> None:
 
     def option(key: str, value: Any) -> str:
         if key == "overrides":
-            return "--set " + (" ".join(f"{k}={v}" for k, v in value.items()) or "(none)")
+            return "--set " + (" ".join(f"{k}={json.dumps(v)}" for k, v in (value or {}).items()) or "(none)")
         return f"--{key} {value}" if value is not None else f"--{key} not given"
 
     changed = [
@@ -184,23 +222,24 @@ def prepare(
     stratify: str,
     group: str | None,
     repeats: int,
-    overrides: Mapping[str, str],
+    overrides: Mapping[str, Any],
     splits_file: Path | None,
 ) -> dict[str, Any]:
     """Check the dataset and the request, then write ``kfold.json``, ``cases.json`` and ``splits.json``.
 
     Runs before any training, so that a bad dataset or an impossible split stops the run with a message. A
-    folder started before keeps its cases and splits (and must be resumed with the same options).
+    folder started before keeps its cases and splits (and must be resumed with the same options). ``kfold.json``
+    is a record (data): nothing in it is ever handed to a config parser or a fold's command.
     """
     description = load_dataset_json(dataset_dir)
-    keys = ("num_classes", "in_channels", "data#image_dims", "max_epochs", "val_interval", "data#class_names")
+    keys = ("num_classes", "in_channels", "image_dims", "max_epochs", "val_interval", "class_names")
     parsed = bundle.parsed({**overrides, "dataset_dir": str(dataset_dir)}, keys)
     if parsed["val_interval"] > parsed["max_epochs"]:
         raise KFoldError(
             f"val_interval {parsed['val_interval']} > max_epochs {parsed['max_epochs']}: no fold would ever validate, "
             "so none would write the model.pt that is scored; lower val_interval with --set"
         )
-    datalist = check_datalist(description, dataset_dir, parsed["num_classes"], parsed["data#image_dims"])
+    datalist = check_datalist(description, dataset_dir, parsed["num_classes"], parsed["image_dims"])
     state = {
         "bundle": str(bundle.path),
         "dataset_dir": str(dataset_dir),
@@ -210,11 +249,11 @@ def prepare(
         "stratify": stratify,
         "group": group,
         "splits_file": str(splits_file) if splits_file else None,
-        "overrides": dict(overrides),
-        "class_names": list(parsed["data#class_names"]),
+        "overrides": json.loads(json.dumps(dict(overrides), default=str)),  # as kfold.json holds them
+        "class_names": list(parsed["class_names"]),
         "num_classes": int(parsed["num_classes"]),
         "in_channels": int(parsed["in_channels"]),
-        "image_dims": int(parsed["data#image_dims"]),
+        "image_dims": int(parsed["image_dims"]),
         "max_epochs": int(parsed["max_epochs"]),
     }
     _check_identity(output / STATE_FILE, state)
@@ -258,33 +297,37 @@ def run_cv(
     group: str | None = None,
     repeats: int = 1,
     parallel: int = 1,
-    overrides: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
     splits_file: str | Path | None = None,
     cv_threshold: float = 0.1,
 ) -> dict[str, Any]:
     """Cross-validate a bundle on a dataset: splits, every fold trained and scored, the ensemble, the report.
 
-    Returns the report (also written as ``report.json`` / ``report.md``); its ``failed`` list names the folds that
-    did not finish. Starting it again on the same ``output`` resumes it.
+    ``overrides`` are bundle keys for every fold, values as :func:`custom_components.bundle.parse_key_values` reads
+    ``--set`` (``{"channels": [16, 32, 64], "norm": "batch"}``). Returns the report (also written as
+    ``report.json`` / ``report.md``); its ``failed`` list names the folds that did not finish. Starting it again on
+    the same ``output`` with the same options resumes it.
     """
     if parallel < 1:
         raise KFoldError(f"--parallel {parallel}: run at least one fold at a time")
-    found = Bundle.find(bundle, overlays=("evaluate",))
-    output = Path(output).resolve()
+    found = Bundle.find(bundle)
+    output, dataset_dir = Path(output).resolve(), Path(dataset_dir).resolve()
+    overrides = dict(overrides or {})
     state = prepare(
         found,
-        Path(dataset_dir).resolve(),
+        dataset_dir,
         output,
         folds,
         seed,
         stratify,
         group,
         repeats,
-        dict(overrides or {}),
+        overrides,
         Path(splits_file).resolve() if splits_file else None,
     )
+    cv = CrossValidation(found, dataset_dir, output, seed, overrides, state["max_epochs"])
     layout = fold_layout(output, state["fold_count"], state["split_count"])
-    failures = run_folds(found, state, output, layout, parallel)
+    failures = run_folds(cv, layout, parallel)
     if len(failures) < len(layout):
         score_test_cases(output)
     return write_report(output, cv_threshold)

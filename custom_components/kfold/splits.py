@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
-from custom_components.data import case_id
+from custom_components.data import case_id, voxel_sizes
+from custom_components.imageio import read_image
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +32,14 @@ class KFoldError(ValueError):
 def describe_cases(datalist: Sequence[dict[str, Any]], class_names: Sequence[str], image_dims: int) -> list[dict]:
     """Per case: its id, the foreground classes its label map contains and its foreground size.
 
-    The size is in mm^3 (mm^2 for 2D images). The other dataset.json fields of the entry are kept, so that a
-    ``--stratify KEY`` or ``--group KEY`` field travels with the case. Reads every label map once.
+    The size is in mm^3 (mm^2 for 2D images; PNG pixels are 1 mm), from the voxel sizes of the affine as the
+    bundles see them. The other dataset.json fields of the entry are kept, so that a ``--stratify KEY`` or
+    ``--group KEY`` field travels with the case. Reads every label map once.
     """
     cases = []
     for item in datalist:
-        label = nib.load(item["label"])
-        data = np.asarray(label.dataobj)
-        voxel = float(np.prod(label.header.get_zooms()[:image_dims]))
+        data, affine = read_image(item["label"])
+        voxel = float(np.prod(voxel_sizes(affine, image_dims)))
         present = [name for value, name in enumerate(class_names, start=1) if np.any(data == value)]
         fields = {key: value for key, value in item.items() if key not in ("image", "label")}
         cases.append(

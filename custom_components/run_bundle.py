@@ -1,0 +1,259 @@
+"""A training run's ``output_dir`` as a bundle of its own, in the model zoo's layout.
+
+At the start of training :class:`RunBundle` writes ``configs/`` (the bundle's train, inference, evaluate and
+multi-GPU configs with every user key replaced by the literal value this run resolved, so that predicting,
+evaluating, exporting and resuming need the run folder and the inputs only), ``configs/metadata.json`` (inputs,
+outputs and label names of this model) and ``docs/README.md``; whenever the best model improves it updates the Dice
+those state. The weights are ``models/model.pt`` (written by ``TrainingReport``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from ignite.engine import Engine, Events
+
+from custom_components.data import case_id
+from custom_components.handlers import MODEL_FILE, TrainingReport, atomic_write_bytes, atomic_write_json
+
+CONFIGS = ("train", "inference", "evaluate", "multi_gpu_train")  # the bundle's workflows, each copied if present
+TRAINING_CONFIGS = ("train", "multi_gpu_train")  # their output_dir is the run folder itself, wherever it is moved
+RUN_OUTPUT_DIR = "$@bundle_root"
+TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][\w]*):")
+WIRING = "# Wiring:"  # the rendered configs' user keys stand above this line, what they build below it
+
+
+def flow(value: Any) -> str:
+    """A value on one YAML line: expressions and references double-quoted, lists and mappings in flow style."""
+    if isinstance(value, str) and value[:1] in "$@%":
+        return json.dumps(value)
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+    return text.removesuffix("\n...\n").strip()
+
+
+def plain(value: Any) -> Any:
+    """A resolved config value as plain YAML data: tuples as lists, numpy and torch scalars as numbers."""
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    if isinstance(value, np.generic | torch.Tensor):
+        return plain(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"{type(value).__name__} is not plain data")
+
+
+def _entries(lines: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Top-level entries of a YAML text: (key, first line, end line), the block being the indented lines after it."""
+    entries = []
+    for index, line in enumerate(lines):
+        match = TOP_LEVEL_KEY.match(line)
+        if match:
+            end = index + 1
+            while end < len(lines) and lines[end][:1] in (" ", "-"):
+                end += 1
+            entries.append((match.group(1), index, end))
+    return entries
+
+
+def _comment(line: str) -> str:
+    """The trailing ``# comment`` of a one-line ``key: value`` entry, or ''."""
+    try:
+        (_, value), *_ = yaml.compose(line).value
+    except (yaml.YAMLError, ValueError, AttributeError):
+        return ""
+    rest = line[value.end_mark.column :].strip()
+    return rest if rest.startswith("#") else ""
+
+
+def freeze(text: str, values: Mapping[str, Any]) -> str:
+    """``text`` (a config) with each of its user keys found in ``values`` set to that value on one line, its comment
+    kept. User keys are the top-level keys above the ``# Wiring:`` line (all of them in a file without one)."""
+    lines = text.splitlines()
+    wiring = next((index for index, line in enumerate(lines) if line.startswith(WIRING)), len(lines))
+    for key, start, end in reversed(_entries(lines)):
+        if key in values and start < wiring:
+            comment = _comment(lines[start]) if end == start + 1 else ""
+            lines[start:end] = [f"{key}: {flow(values[key])}" + (f"  {comment}" if comment else "")]
+    return "\n".join(lines) + "\n"
+
+
+def divisor(strides: Sequence[int | Sequence[int]], dims: int) -> list[int]:
+    """Total downsampling of the network along each axis: inputs must be a multiple of it."""
+    total = np.ones(dims, dtype=int)
+    for stride in strides:
+        total *= np.broadcast_to(np.asarray(stride, dtype=int), (dims,))
+    return total.tolist()
+
+
+class RunBundle:
+    """Write the run folder's configs, metadata and docs (see the module docstring); main process only.
+
+    ``settings`` are written into every config of the run that has the key, ``training_settings`` into its
+    training configs only, ``paths`` (keys among them) as absolute paths.
+    """
+
+    def __init__(
+        self,
+        bundle_root: str | Path,
+        output_dir: str | Path,
+        report: TrainingReport,
+        dataset: Mapping[str, Any],
+        cases: Mapping[str, Sequence[Mapping[str, Any]]],
+        network_in_channels: int,
+        settings: Mapping[str, Any],
+        training_settings: Mapping[str, Any] = {},  # noqa: B006 (read only)
+        paths: Sequence[str] = (),
+        enabled: bool = True,
+    ) -> None:
+        self.source = Path(bundle_root)
+        self.output_dir = Path(output_dir)
+        self.report = report
+        self.dataset = dict(dataset)
+        self.cases = {split: [case_id(str(item["image"])) for item in items] for split, items in cases.items()}
+        self.network_in_channels = int(network_in_channels)
+        self.values = {key: plain(value) for key, value in settings.items()}
+        for key in paths:
+            if isinstance(self.values.get(key), str):
+                self.values[key] = str(Path(self.values[key]).resolve())
+        self.training_values = {key: plain(value) for key, value in training_settings.items()}
+        self.enabled = enabled
+        self._written_best: Any = object()
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self._started)
+
+    def _started(self, engine: Engine) -> None:
+        self.write_configs()
+        self.write_results()
+        if not engine.has_event_handler(self._epoch_completed, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _epoch_completed(self, _engine: Engine) -> None:
+        if self.report.best != self._written_best:
+            self.write_results()
+
+    def write_configs(self) -> None:
+        """configs/*.yaml with this run's values, and logging.conf, from the bundle that trained it."""
+        configs = self.output_dir / "configs"
+        for name in CONFIGS:
+            source = self.source / "configs" / f"{name}.yaml"
+            if not source.is_file():
+                continue
+            values = dict(self.values)
+            if name in TRAINING_CONFIGS:
+                values.update(self.training_values, output_dir=RUN_OUTPUT_DIR)
+            atomic_write_bytes(configs / f"{name}.yaml", freeze(source.read_text(), values).encode())
+        logging_conf = self.source / "configs" / "logging.conf"
+        if logging_conf.is_file():
+            atomic_write_bytes(configs / "logging.conf", logging_conf.read_bytes())
+
+    def write_results(self) -> None:
+        """metadata.json and docs/README.md with the validation Dice reached so far."""
+        self._written_best = dict(self.report.best)
+        atomic_write_json(self.metadata(), self.output_dir / "configs" / "metadata.json")
+        atomic_write_bytes(self.output_dir / "docs" / "README.md", self.readme().encode())
+
+    def _dice(self) -> dict[str, float | None]:
+        best = self.report.best
+        scores = {"mean_dice": best.get(self.report.key_metric)}
+        for name in self.values["class_names"]:
+            scores[f"dice_{name}"] = best.get(f"dice_{name}")
+        return {key: None if v is None or math.isnan(v) else round(float(v), 4) for key, v in scores.items()}
+
+    def metadata(self) -> dict[str, Any]:
+        """The source bundle's metadata.json with this model's inputs, outputs, label names and Dice."""
+        meta = json.loads((self.source / "configs" / "metadata.json").read_text())
+        values = self.values
+        dims = int(values["spatial_dims"])
+        shape = [f"{2 * size}*n" for size in divisor(values["strides"], dims)]  # n=1 leaves a bottleneck of 2
+        modalities = [str(name) for _, name in sorted(values["modality"].items(), key=lambda kv: int(kv[0]))]
+        context = int(values.get("context_slices", 0))
+        if context:
+            channels = [f"{name} slice {offset:+d}" for name in modalities for offset in range(-context, context + 1)]
+        else:
+            channels = modalities
+        image = meta["network_data_format"]["inputs"]["image"]
+        image.update(
+            format="hounsfield" if set(modalities) == {"CT"} else "magnitude",
+            modality=", ".join(dict.fromkeys(modalities)),
+            num_channels=self.network_in_channels,
+            spatial_shape=shape,
+            value_range=[0, 1] if values["intensity"].get("scheme") == "ct_window" else [],
+            channel_def={str(index): name for index, name in enumerate(channels)},
+        )
+        pred = meta["network_data_format"]["outputs"]["pred"]
+        labels = ["background", *values["class_names"]]
+        pred.update(
+            num_channels=int(values["num_classes"]),
+            spatial_shape=shape,
+            channel_def={str(index): name for index, name in enumerate(labels)},
+        )
+        name = self.dataset.get("name", Path(values["dataset_dir"]).name)
+        meta["data_source"] = (
+            f"{name} ({values['dataset_dir']}): trained on {len(self.cases['train'])} cases, validated on "
+            f"{len(self.cases['validation'])}"
+        )
+        meta["label_classes"] = ", ".join(f"{index}: {label}" for index, label in enumerate(labels))
+        meta["eval_metrics"] = self._dice()
+        return meta
+
+    def readme(self) -> str:
+        """docs/README.md: what was trained on what, with which result, and the commands that use this folder."""
+        values, best, dice = self.values, self.report.best, self._dice()
+        run = self.output_dir.resolve()
+        name = self.dataset.get("name", Path(values["dataset_dir"]).name)
+        result = (
+            f"Best validation mean Dice **{dice['mean_dice']}** at epoch {best.get('epoch')} ("
+            + ", ".join(f"{key.removeprefix('dice_')} {value}" for key, value in dice.items() if key != "mean_dice")
+            + ")."
+            if best
+            else "Not validated yet."
+        )
+        split = values.get("splits_file") or f"fold {values['fold']} of {values['num_folds']}"
+        settings = "\n".join(f"| `{key}` | `{flow(value)}` |" for key, value in values.items())
+        modality = ", ".join(str(name) for name in values["modality"].values())
+        return f"""# {int(values["spatial_dims"])}D U-Net model: {run.name}
+
+A training run of the {int(values["spatial_dims"])}D U-Net bundle, itself a MONAI bundle: `configs/` holds every key
+as the value this run used, `models/model.pt` the best weights.
+
+## Trained on
+- dataset: {name} (`{values["dataset_dir"]}`), classes {", ".join(values["class_names"])}, modality {modality}
+- split: {split}, {len(self.cases["train"])} training and {len(self.cases["validation"])} validation cases
+- validation cases: {", ".join(self.cases["validation"])}
+
+## Result
+{result} Dice on the validation cases, resampled to `spacing` and cropped to the foreground.
+Curves: `learning_curve.png`; per epoch: `learning_curve.csv`; summary: `metrics.json`.
+
+## Use it
+```bash
+# label maps on each input's own grid and affine
+python -m monai.bundle run inference --config_file {run}/configs/inference.yaml --input_dir SCANS --output_dir OUT
+# score it: on its own dataset the validation cases, on any other labelled MSD dataset every labelled case
+python -m monai.bundle run evaluating --config_file {run}/configs/evaluate.yaml [--dataset_dir DIR]
+# TorchScript
+python -m monai.bundle ckpt_export network_def --filepath {run}/models/model.ts --ckpt_file {run}/{MODEL_FILE} \\
+    --meta_file {run}/configs/metadata.json --config_file {run}/configs/inference.yaml
+# resume an interrupted training
+python -m monai.bundle run training --config_file {run}/configs/train.yaml
+```
+
+## Settings
+| key | value |
+|---|---|
+{settings}
+"""
