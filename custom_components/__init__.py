@@ -2,6 +2,39 @@
 inference that skips unreadable inputs, intensity schemes, small-batch normalisation and the U-Net with or
 without skip connections."""
 
-from custom_components import bundle, data, evaluation, handlers, inference, networks, norms, run_bundle, transforms
+from custom_components import (
+    bundle,
+    data,
+    evaluation,
+    handlers,
+    inference,
+    networks,
+    norms,
+    run_bundle,
+    runlock,
+    transforms,
+)
 
-__all__ = ["bundle", "data", "evaluation", "handlers", "inference", "networks", "norms", "run_bundle", "transforms"]
+__all__ = [
+    "bundle",
+    "data",
+    "evaluation",
+    "handlers",
+    "inference",
+    "networks",
+    "norms",
+    "run_bundle",
+    "runlock",
+    "settings",
+    "transforms",
+]
+
+
+def __getattr__(name: str) -> object:
+    """``custom_components.settings`` (the configs call ``custom_components.settings.check_workflow``) imported on
+    first use, so that ``python -m custom_components.settings`` does not find it imported already."""
+    if name == "settings":
+        import importlib
+
+        return importlib.import_module("custom_components.settings")
+    raise AttributeError(f"module 'custom_components' has no attribute {name!r}")

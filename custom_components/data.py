@@ -10,7 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +26,7 @@ import numpy as np
 import psutil
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
+from custom_components.handlers import remove_stale_temporaries
 from custom_components.imageio import IMAGE_SUFFIXES, PLANAR_SUFFIXES, ImageReadError, read_header, read_image
 from custom_components.imageio import NIFTI_SUFFIXES as NIFTI_SUFFIXES  # re-exported for `from ..data import`
 
@@ -311,7 +315,9 @@ def split_datalist(
 
     With ``splits_file`` (nnU-Net's ``splits_final.json`` form: a list of ``{"train": [...], "val": [...]}``
     holding case ids, i.e. file names without extension, or paths) that fold is used as is; otherwise the cases
-    are shuffled with ``seed`` and cut into ``num_folds`` interleaved folds.
+    are shuffled with ``seed`` and cut into ``num_folds`` interleaved folds. ``num_folds`` 1 (nnU-Net's fold
+    ``all``: the final model, once cross-validation has chosen the settings) trains on every case and validates on
+    none.
     """
     if splits_file:
         path = Path(splits_file)
@@ -326,8 +332,13 @@ def split_datalist(
         if missing:
             raise DatasetError(f"{path} fold {fold} names cases not in dataset.json: {missing[:5]}")
         return [by_id[case_id(c)] for c in chosen["train"]], [by_id[case_id(c)] for c in chosen["val"]]
-    if num_folds < 2 or not 0 <= fold < num_folds:
-        raise DatasetError(f"fold={fold} num_folds={num_folds}: need num_folds >= 2 and 0 <= fold < num_folds")
+    if num_folds < 1 or not 0 <= fold < num_folds:
+        raise DatasetError(
+            f"fold={fold} num_folds={num_folds}: need num_folds >= 1 and 0 <= fold < num_folds "
+            "(num_folds 1 with fold 0 trains on every case without validation)"
+        )
+    if num_folds == 1:
+        return list(datalist), []
     if len(datalist) < num_folds:
         raise DatasetError(f"{len(datalist)} cases cannot make {num_folds} folds: lower num_folds")
     order = np.random.default_rng(seed).permutation(len(datalist))
@@ -462,3 +473,75 @@ def bundle_image_dims(description: dict[str, Any], dataset_dir: str | Path, netw
 
 read_image_dims = _exit_on_dataset_error(bundle_image_dims)
 read_images = _exit_on_dataset_error(list_images)
+
+
+class OutputDirError(ValueError):
+    """An ``output_dir`` that cannot hold the run: not writable, or without room for the checkpoints."""
+
+
+OPTIMIZER_MOMENTS = 2  # tensors per parameter an optimiser keeps (Adam, AdamW: two; SGD, RMSprop: fewer)
+SPACE_MARGIN = 1.25  # on top of the estimate: pickling overhead, the report's history, a larger optimiser state
+REPORT_BYTES = 64 * 2**20  # learning curve, metrics.json, configs, docs, TensorBoard events, log
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
+
+
+def checkpoint_space(network: Any, output_dir: str | Path | None = None) -> int:
+    """Bytes of disk a run of ``network`` needs for its checkpoints, with a margin.
+
+    ``models/model.pt`` holds the weights, ``models/checkpoint_last.pt`` the weights and the optimiser's moments,
+    and each is written to a temporary file before it replaces the previous one, so the checkpoint is on disk twice
+    for a moment. What a previous run already wrote into ``output_dir`` (a resumed run) is counted as present.
+    """
+    weights = sum(t.numel() * t.element_size() for t in network.state_dict().values())
+    trained = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad)
+    checkpoint = weights + OPTIMIZER_MOMENTS * trained
+    needed = SPACE_MARGIN * (weights + 2 * checkpoint) + REPORT_BYTES
+    if output_dir is not None:
+        for name in ("model.pt", "checkpoint_last.pt"):
+            existing = Path(output_dir) / "models" / name
+            needed -= existing.stat().st_size if existing.is_file() else 0
+    return int(max(needed, SPACE_MARGIN * checkpoint + REPORT_BYTES))
+
+
+def check_output_dir(output_dir: str | Path, network: Any) -> None:
+    """``output_dir`` (created if missing) can be written and has room for the checkpoints of ``network``.
+
+    Writability is tried, not read from the permission bits (which do not stop root, and miss read-only mounts):
+    a temporary file is created and removed. Raises :class:`OutputDirError` naming the folder and the fix.
+    """
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputDirError(
+            f"output_dir {path} cannot be written ({err.strerror or err}): pass --output_dir with a folder you can "
+            "write to"
+        ) from err
+    needed = checkpoint_space(network, path)
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise OutputDirError(
+            f"output_dir {path} has {_size(free)} free but the checkpoints need about {_size(needed)} "
+            "(models/model.pt and models/checkpoint_last.pt with the optimiser state, each written next to the "
+            "previous one before replacing it): free some space or pass --output_dir on another disk"
+        )
+
+
+def prepare_output_dir(output_dir: str | Path, network: Any, clean: bool = True) -> str:
+    """For the bundle configs, before the dataset cache is filled: :func:`check_output_dir`, a clean exit with its
+    message if it fails, then (``clean``: the process that writes) the temporary files a killed write left removed."""
+    try:
+        check_output_dir(output_dir, network)
+    except OutputDirError as err:
+        logger.error("%s", err)
+        sys.exit(f"error: {err}")
+    if clean:
+        for path in remove_stale_temporaries(output_dir):
+            logger.warning("removed %s, left by a write that was killed", path)
+    return str(output_dir)

@@ -2,7 +2,8 @@
 
 A run folder's ``evaluate.yaml`` scores its own validation cases on the dataset it was trained on, and every
 labelled case (``training`` entries and ``test`` entries with a label) on any other MSD dataset whose classes are
-the model's.
+the model's. A run trained with ``num_folds: 1`` held no case out: on its own dataset it is refused, on another one
+every labelled case is scored.
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ def evaluation_cases(
         labelled = {**description, "training": labelled_cases(description)}
         return check_datalist(labelled, dataset_dir, num_classes, image_dims)
     datalist = check_datalist(description, dataset_dir, num_classes, image_dims)
-    return split_datalist(datalist, fold, num_folds, seed, splits_file)[1]
+    validation = split_datalist(datalist, fold, num_folds, seed, splits_file)[1]
+    if not validation:
+        how = f"fold {fold} of {splits_file} lists no validation case" if splits_file else f"num_folds {num_folds}"
+        raise DatasetError(
+            f"this run trained on every case of {dataset_dir} ({how}): none was held out to score it on. Evaluate "
+            "on another labelled dataset with --dataset_dir DIR"
+        )
+    return validation
 
 
 read_evaluation_cases = _exit_on_dataset_error(evaluation_cases)

@@ -7,24 +7,34 @@ interrupted run resumes with its curve, its best score and its ``model.pt`` inta
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
+import pickle
+import random
+import re
 import resource
 import sys
 import tempfile
 import time
+import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from monai.data.utils import set_rnd
+from torch.optim.lr_scheduler import LRScheduler
 
 MODEL_FILE = Path("models") / "model.pt"  # the best weights in a run folder, where the model zoo keeps them
+NO_VALIDATION = "none: trained on every case (num_folds 1)"  # metrics.json's `validation` of such a run
 
 
 def unwrap(obj: Any) -> Any:
@@ -32,18 +42,73 @@ def unwrap(obj: Any) -> Any:
     return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel) else obj
 
 
+# what tempfile.mkstemp(prefix=".NAME.") makes for a file a run writes (or the output_dir check's probe); other
+# dot-files (a `--output_dir ~` holds many) are never matched
+TEMPORARY_NAME = re.compile(r"^\.(?:.+\.(?:json|csv|png|pt|yaml|conf|md)|write-check)\.[a-z0-9_]{8}$")
+RUN_FOLDERS = (".", "models", "configs", "docs")  # where a run writes atomically
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, hence the /proc reading first)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, so a reader never sees half a file."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder, so a reader never sees half a file.
+
+    The file gets the permissions of any file the user creates (``0o666`` less the umask; ``mkstemp`` alone gives
+    ``0o600``) and is flushed to disk before it replaces ``path``. On any failure (a full disk, an interrupt) the
+    temporary file is removed and ``path`` keeps its previous content; a temporary file left by a killed process
+    (``.NAME.XXXXXXXX``) is removed when the next training starts (:func:`remove_stale_temporaries`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # a failed write: name it
+            kept = "its previous content is kept" if path.exists() else "no file was written"
+            raise OSError(err.errno, f"{err.strerror} ({kept})", str(path)) from err
         raise
+    with contextlib.suppress(OSError):  # the rename itself on disk, so a power cut does not bring the old file back
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
+    """Remove the temporary files a killed :func:`atomic_write_bytes` left in a run folder and return them.
+
+    Only names ``mkstemp`` makes with the ``.NAME.`` prefix are touched, in the run folder, ``models/``,
+    ``configs/`` and ``docs/``. Call it once the run folder is this process's (after the run-folder lock).
+    """
+    removed = []
+    for folder in RUN_FOLDERS:
+        directory = Path(output_dir) / folder
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            if TEMPORARY_NAME.match(entry.name) and entry.is_file() and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -57,25 +122,94 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+class CheckpointError(ValueError):
+    """A resumable checkpoint that cannot be loaded as tensors and plain values; the message says why and the fix."""
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``path`` loaded as tensors and plain values only (``weights_only=True``): nothing in it is executed.
+
+    Raises :class:`CheckpointError` naming the file: a pickle that needs other objects (it may execute code) or a
+    file that is not a checkpoint at all. A zip checkpoint (what ``torch.save`` writes) is memory-mapped, so a check
+    before training costs little.
+    """
+    path = Path(path)
+    fix = "delete it or start a new output_dir"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "unsupported" in line.lower() or "global" in line.lower()), "")
+        reason = (reason or (lines[0] if lines else type(err).__name__))[:300]
+        raise CheckpointError(
+            f"{path} is not a checkpoint of tensors and plain values ({reason}): it may execute code; {fix}"
+        ) from err
+    except Exception as err:  # zip, pickle and torch raise several types for files that are not checkpoints
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); {fix}") from err
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch of one process: a function of the run's seed, the epoch and the rank alone."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(rank)]).generate_state(1)[0])
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
 class ResumableCheckpoint:
     """Keep the last epoch's full state in one file, and resume from it when a run starts again.
 
     At the end of every epoch the state of the engine it is attached to and of every object in ``objects``
     (network, optimiser, schedule, report) is written atomically to ``path``; when the engine starts and
-    ``path`` exists, all of it is loaded back, so training continues at the next epoch. It replaces MONAI's
-    CheckpointLoader + CheckpointSaver pair because those cannot hold the trainer that owns them (a config
-    cycle) and name each epoch's file differently. A larger ``max_epochs`` than the checkpoint's extends the run.
+    ``path`` exists, all of it is loaded back as tensors and plain values (``weights_only``: nothing in the file is
+    executed), so training continues at the next epoch. It replaces MONAI's CheckpointLoader + CheckpointSaver pair
+    because those cannot hold the trainer that owns them (a config cycle) and name each epoch's file differently.
+
+    A larger ``max_epochs`` than the checkpoint's extends the run (the settings check of the run folder lets it grow
+    only with ``extend_training``): the learning-rate schedules in ``objects`` are then not loaded but laid out
+    again over the new length, stepped to the resumed epoch as a run of that length would have been.
+
+    With ``seed``, every epoch starts from random generators seeded by (seed, epoch, rank): torch's, numpy's,
+    Python's and the random transforms of ``dataset`` (MONAI's ``set_rnd``, which data-loading workers inherit
+    through their seeds drawn from torch's generator). An epoch then draws the same patches, augmentations and
+    order whether the run was interrupted before it or not, so a resumed run repeats the uninterrupted one.
     """
 
-    def __init__(self, path: str | Path, objects: Mapping[str, Any], enabled: bool = True, save: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        objects: Mapping[str, Any],
+        enabled: bool = True,
+        save: bool = True,
+        seed: int | None = None,
+        dataset: Any = None,
+    ) -> None:
         self.path = Path(path)
         self.objects = {name: unwrap(obj) for name, obj in objects.items()}
         self.enabled = enabled
         self.save_enabled = save  # False in all but one process of a distributed run: all resume, one writes
+        self.seed = seed
+        self.dataset = dataset
 
     def attach(self, engine: Engine) -> None:
         if self.enabled:
             engine.add_event_handler(Events.STARTED, self.load)
+        if self.seed is not None:
+            engine.add_event_handler(Events.EPOCH_STARTED, self.reseed)
+
+    def reseed(self, engine: Engine) -> None:
+        """Seed every random generator of this epoch from (seed, epoch, rank), before its first batch is drawn."""
+        seed = epoch_seed(self.seed, engine.state.epoch, _rank())
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        if self.dataset is not None:
+            set_rnd(self.dataset, seed)
 
     def _save_last(self, engine: Engine) -> None:
         """Register the save when the run starts, after every handler was attached: it then runs last at each
@@ -94,12 +228,34 @@ class ResumableCheckpoint:
         if not self.path.is_file():
             return
         max_epochs = engine.state.max_epochs
-        checkpoint = torch.load(
-            self.path, map_location=getattr(engine.state, "device", None) or "cpu", weights_only=False
-        )
-        Checkpoint.load_objects(to_load=self._with_engine(engine), checkpoint=checkpoint)
+        try:
+            checkpoint = read_checkpoint(self.path, getattr(engine.state, "device", None) or "cpu")
+        except CheckpointError as err:
+            logging.getLogger(__name__).error("%s", err)
+            sys.exit(f"error: {err}")
+        stored_epochs = int(checkpoint["engine"]["max_epochs"])
+        schedules = {}
+        if max_epochs > stored_epochs:  # an extension: the schedules are laid out again over the new length
+            schedules = {name: obj for name, obj in self.objects.items() if isinstance(obj, LRScheduler)}
+        fresh_lr = {name: [group["lr"] for group in obj.optimizer.param_groups] for name, obj in schedules.items()}
+        to_load = {name: obj for name, obj in self._with_engine(engine).items() if name not in schedules}
+        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
         engine.state.max_epochs = max(max_epochs, engine.state.epoch)
+        for name, schedule in schedules.items():
+            # from the rate a new run of this length starts with, stepped once per finished epoch (as
+            # LrScheduleHandler steps it), so recursive schedules (cosine, step, poly) land where that run would
+            for group, lr in zip(schedule.optimizer.param_groups, fresh_lr[name], strict=True):
+                group["lr"] = lr
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "step() before optimizer.step()": this is a replay
+                for _ in range(engine.state.epoch):
+                    schedule.step()
         engine.logger.info(f"resumed from {self.path} at epoch {engine.state.epoch} of {engine.state.max_epochs}")
+        if schedules:
+            engine.logger.info(
+                f"extended from {stored_epochs} to {engine.state.max_epochs} epochs: {', '.join(schedules)} laid out "
+                f"again over {engine.state.max_epochs} epochs"
+            )
 
 
 class TrainingReport:
@@ -107,7 +263,9 @@ class TrainingReport:
 
     Its epoch-end step is registered when the run starts, after every handler was attached, so it reads this
     epoch's validation whatever its place in the handler list. Its ``state_dict`` holds the history, so it
-    belongs in the resumable checkpoint.
+    belongs in the resumable checkpoint. With ``validate`` false (``num_folds: 1``: every case trains, none is held
+    out) ``models/model.pt`` holds the last epoch's weights, rewritten every epoch, and ``metrics.json`` says there
+    was no validation.
     """
 
     def __init__(
@@ -119,6 +277,7 @@ class TrainingReport:
         key_metric: str = "val_mean_dice",
         per_class_metric: str = "val_dice_per_class",
         enabled: bool = True,
+        validate: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.evaluator = evaluator
@@ -127,6 +286,7 @@ class TrainingReport:
         self.key_metric = key_metric
         self.per_class_metric = per_class_metric
         self.enabled = enabled
+        self.validate = bool(validate)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.wall_time = 0.0
@@ -192,6 +352,8 @@ class TrainingReport:
             if not self.best or row[self.key_metric] > self.best[self.key_metric]:
                 self.best = dict(row)
                 atomic_torch_save(self.network.state_dict(), self.output_dir / MODEL_FILE)
+        if not self.validate:  # nothing selects a model: keep the last weights
+            atomic_torch_save(self.network.state_dict(), self.output_dir / MODEL_FILE)
         self.history.append(row)
         self.write(engine)
 
@@ -220,6 +382,8 @@ class TrainingReport:
             "memory_kind": "cuda_allocated" if torch.device(device).type == "cuda" else "process_rss",
             "parameters": sum(p.numel() for p in self.network.parameters()),
             "device": str(device),
+            "validation": "held-out cases, every val_interval epochs" if self.validate else NO_VALIDATION,
+            "model_weights": "best validation mean Dice" if self.validate else "last epoch",
         }
         atomic_write_json(metrics, self.output_dir / "metrics.json")
         fields = list(dict.fromkeys(key for row in self.history for key in row))
@@ -247,6 +411,9 @@ class TrainingReport:
             values = [row.get(f"dice_{name}") for row in validated]
             if any(v is not None for v in values):
                 dice_ax.plot(val_epochs, values, marker=".", linestyle="--", label=name)
+        if not self.validate:
+            note = f"no validation:\n{NO_VALIDATION.removeprefix('none: ')}"
+            dice_ax.text(0.5, 0.5, note, ha="center", va="center", transform=dice_ax.transAxes)
         dice_ax.set(title="validation Dice", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
         dice_ax.legend(loc="lower right")
         fig.tight_layout()

@@ -1,9 +1,10 @@
 """Render the bundles from their one template: ``python -m custom_components.render [--check]``.
 
-What the 2D and 3D bundles share is written once, in ``bundles/template/``: ``settings.yaml`` declares every key
-a user sets (default, meaning, which configs use it) and ``configs/*.j2`` the wiring, with ``{% if dims == 2 %}``
-where the bundles differ. Rendering writes complete, self-contained configs into each bundle's ``configs/``, as
-MONAI's Auto3DSeg fills its algorithm templates, so a bundle runs from any folder and copied alone. ``--check``
+What the 2D and 3D bundles share is written once: ``custom_components/settings.yaml`` declares every key a user
+sets (default, meaning, which configs use it, what it takes; shipped with the package, which checks the keys when a
+run starts) and ``bundles/template/configs/*.j2`` the wiring, with ``{% if dims == 2 %}`` where the bundles differ.
+Rendering writes complete, self-contained configs into each bundle's ``configs/``, as MONAI's Auto3DSeg fills its
+algorithm templates, so a bundle runs from any folder and copied alone. ``--check``
 (run by the tests) fails when a committed config differs from a fresh render.
 """
 
@@ -22,6 +23,7 @@ import yaml
 
 from custom_components.paths import REPO_ROOT
 from custom_components.run_bundle import flow
+from custom_components.settings import DECLARATIONS
 
 TEMPLATE = REPO_ROOT / "bundles" / "template"
 BUNDLES = {"unet3d": 3, "unet2d": 2}  # bundle folder -> spatial dimensions
@@ -64,7 +66,7 @@ def _field(entry: Mapping[str, Any], bundle: str, config: str, name: str, defaul
 
 def load_settings(bundle: str, config: str) -> list[Setting]:
     """The keys of ``settings.yaml`` that ``config`` of ``bundle`` uses, in declaration order."""
-    declared = yaml.safe_load((TEMPLATE / "settings.yaml").read_text())
+    declared = yaml.safe_load(DECLARATIONS.read_text())
     settings = []
     for section, entries in declared.items():
         for key, entry in entries.items():

@@ -10,8 +10,10 @@ those state. The weights are ``models/model.pt`` (written by ``TrainingReport``)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ TRAINING_CONFIGS = ("train", "multi_gpu_train")  # their output_dir is the run f
 RUN_OUTPUT_DIR = "$@bundle_root"
 TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][\w]*):")
 WIRING = "# Wiring:"  # the rendered configs' user keys stand above this line, what they build below it
+
+logger = logging.getLogger(__name__)
 
 
 def flow(value: Any) -> str:
@@ -89,6 +93,15 @@ def freeze(text: str, values: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_values(settings: Mapping[str, Any], paths: Sequence[str] = ()) -> dict[str, Any]:
+    """``settings`` as a run folder writes them: plain data, the ``paths`` keys as absolute paths."""
+    values = {key: plain(value) for key, value in settings.items()}
+    for key in paths:
+        if isinstance(values.get(key), str):
+            values[key] = str(Path(values[key]).resolve())
+    return values
+
+
 def divisor(strides: Sequence[int | Sequence[int]], dims: int) -> list[int]:
     """Total downsampling of the network along each axis: inputs must be a multiple of it."""
     total = np.ones(dims, dtype=int)
@@ -123,10 +136,7 @@ class RunBundle:
         self.dataset = dict(dataset)
         self.cases = {split: [case_id(str(item["image"])) for item in items] for split, items in cases.items()}
         self.network_in_channels = int(network_in_channels)
-        self.values = {key: plain(value) for key, value in settings.items()}
-        for key in paths:
-            if isinstance(self.values.get(key), str):
-                self.values[key] = str(Path(self.values[key]).resolve())
+        self.values = run_values(settings, paths)
         self.training_values = {key: plain(value) for key, value in training_settings.items()}
         self.enabled = enabled
         self._written_best: Any = object()
@@ -205,6 +215,9 @@ class RunBundle:
         meta["data_source"] = (
             f"{name} ({values['dataset_dir']}): trained on {len(self.cases['train'])} cases, validated on "
             f"{len(self.cases['validation'])}"
+            if self.cases["validation"]
+            else f"{name} ({values['dataset_dir']}): trained on every case ({len(self.cases['train'])}, num_folds 1), "
+            "no validation: models/model.pt holds the last epoch's weights"
         )
         meta["label_classes"] = ", ".join(f"{index}: {label}" for index, label in enumerate(labels))
         meta["eval_metrics"] = self._dice()
@@ -213,6 +226,7 @@ class RunBundle:
     def readme(self) -> str:
         """docs/README.md: what was trained on what, with which result, and the commands that use this folder."""
         values, best, dice = self.values, self.report.best, self._dice()
+        validated = bool(self.cases["validation"])  # num_folds 1: every case trained, none held out
         run = self.output_dir.resolve()
         name = self.dataset.get("name", Path(values["dataset_dir"]).name)
         result = (
@@ -221,30 +235,46 @@ class RunBundle:
             + ")."
             if best
             else "Not validated yet."
+            if validated
+            else "No validation: every case was trained on (num_folds 1), and `models/model.pt` holds the last "
+            "epoch's weights. Score it on another labelled dataset (below), or trust the cross-validation that chose "
+            "its settings."
         )
         split = values.get("splits_file") or f"fold {values['fold']} of {values['num_folds']}"
+        if not validated and not values.get("splits_file"):
+            split = "every case (num_folds 1)"
+        where = (
+            " Dice on the validation cases, resampled to `spacing` and cropped to the foreground." if validated else ""
+        )
+        weights = "the best weights" if validated else "the last epoch's weights (no validation)"
+        score = (
+            "on its own dataset the validation cases, on any other labelled MSD dataset every labelled case"
+            if validated
+            else "on another labelled MSD dataset (every labelled case): it trained on every case of its own"
+        )
+        dataset_arg = "[--dataset_dir DIR]" if validated else "--dataset_dir DIR"
         settings = "\n".join(f"| `{key}` | `{flow(value)}` |" for key, value in values.items())
         modality = ", ".join(str(name) for name in values["modality"].values())
         return f"""# {int(values["spatial_dims"])}D U-Net model: {run.name}
 
 A training run of the {int(values["spatial_dims"])}D U-Net bundle, itself a MONAI bundle: `configs/` holds every key
-as the value this run used, `models/model.pt` the best weights.
+as the value this run used, `models/model.pt` {weights}.
 
 ## Trained on
 - dataset: {name} (`{values["dataset_dir"]}`), classes {", ".join(values["class_names"])}, modality {modality}
 - split: {split}, {len(self.cases["train"])} training and {len(self.cases["validation"])} validation cases
-- validation cases: {", ".join(self.cases["validation"])}
+- validation cases: {", ".join(self.cases["validation"]) or "none"}
 
 ## Result
-{result} Dice on the validation cases, resampled to `spacing` and cropped to the foreground.
+{result}{where}
 Curves: `learning_curve.png`; per epoch: `learning_curve.csv`; summary: `metrics.json`.
 
 ## Use it
 ```bash
 # label maps on each input's own grid and affine
 python -m monai.bundle run inference --config_file {run}/configs/inference.yaml --input_dir SCANS --output_dir OUT
-# score it: on its own dataset the validation cases, on any other labelled MSD dataset every labelled case
-python -m monai.bundle run evaluating --config_file {run}/configs/evaluate.yaml [--dataset_dir DIR]
+# score it: {score}
+python -m monai.bundle run evaluating --config_file {run}/configs/evaluate.yaml {dataset_arg}
 # TorchScript
 python -m monai.bundle ckpt_export network_def --filepath {run}/models/model.ts --ckpt_file {run}/{MODEL_FILE} \\
     --meta_file {run}/configs/metadata.json --config_file {run}/configs/inference.yaml
@@ -257,3 +287,168 @@ python -m monai.bundle run training --config_file {run}/configs/train.yaml
 |---|---|
 {settings}
 """
+
+
+# --- a restart on a run folder: faithful or refused ---------------------------------------------------------------
+
+CHECKPOINT_FILE = Path("models") / "checkpoint_last.pt"  # what ResumableCheckpoint resumes from
+# keys a resume may change: how a session shows its progress and holds its data, never what it computes
+RESULT_NEUTRAL = ("progress_bar", "log_every_iteration", "cache_rate")
+EXTENDABLE = "max_epochs"  # the one key `extend_training` lets grow
+_ABSENT = "(not set)"
+
+
+def _active_parser() -> Any:
+    """The ``ConfigParser`` evaluating the calling config expression, found on the call stack (as
+    ``bundle.bundle_root`` finds MONAI's workflow): MONAI's entry points and a parser built by hand alike."""
+    from monai.bundle import ConfigParser
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ConfigParser):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _literal(value: Any) -> bool:
+    """Whether a raw config value is data as it stands: no expression, reference, macro or component in it."""
+    if isinstance(value, str):
+        return value[:1] not in ("$", "@", "%")
+    if isinstance(value, Mapping):
+        return "_target_" not in value and all(_literal(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return all(_literal(item) for item in value)
+    return True
+
+
+def _as_written(value: Any) -> Any:
+    """A value as a run folder's config reads back (YAML-dumped on one line, then loaded)."""
+    return yaml.safe_load(flow(value))
+
+
+def user_keys(text: str) -> list[str]:
+    """The user keys of a config: its top-level keys above the ``# Wiring:`` line."""
+    lines = text.splitlines()
+    wiring = next((index for index, line in enumerate(lines) if line.startswith(WIRING)), len(lines))
+    return [key for key, start, _ in _entries(lines) if start < wiring]
+
+
+def truthy(value: Any) -> bool:
+    """A boolean key as the command line may give it (``True``, ``true``, ``1``)."""
+    return value is True or (isinstance(value, int | str) and str(value).strip().lower() in ("1", "true"))
+
+
+def _differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    return [(key, stored.get(key, _ABSENT), value) for key, value in now.items() if stored.get(key, _ABSENT) != value]
+
+
+def _verdict(differences: list[tuple[str, Any, Any]], extend: bool, run: Path, stored_file: Path) -> str | None:
+    """None when the start continues the stored run (or extends it as asked), else the refusal."""
+    if not differences:
+        return None
+    keys = [key for key, _, _ in differences]
+    grows = {
+        key: isinstance(old, int) and isinstance(new, int) and new > old
+        for key, old, new in differences
+        if key == EXTENDABLE
+    }
+    if extend and keys == [EXTENDABLE] and grows[EXTENDABLE]:
+        return None
+    lines = [f"  {key}: {flow(old)} -> {flow(new)}" for key, old, new in differences]
+    if extend and grows.get(EXTENDABLE):
+        hint = f" With extend_training only {EXTENDABLE} may differ from the stored values."
+    elif extend and EXTENDABLE in keys:
+        hint = f" extend_training lets {EXTENDABLE} grow only."
+    elif grows.get(EXTENDABLE):
+        hint = (
+            f" To train the run longer, pass the larger --{EXTENDABLE} with --extend_training True (every other "
+            "key as stored): the learning-rate schedule is then laid out again over the new length."
+        )
+    else:
+        hint = ""
+    return (
+        f"{run} holds a run started with other settings (stored in {stored_file} -> this start):\n"
+        + "\n".join(lines)
+        + f"\nStart a new output_dir, or resume with the stored values (e.g. --config_file {stored_file}).{hint}"
+    )
+
+
+def resume_problem(
+    output_dir: str | Path,
+    bundle_root: str | Path,
+    run_bundle_id: str = "train#handlers#2",
+    extend_training: Any = False,
+    parser: Any = None,
+) -> str | None:
+    """Why this start may not resume the run in ``output_dir`` (None: it may, or there is nothing to resume).
+
+    A run folder holding ``models/checkpoint_last.pt`` is resumed only with the values its ``configs/train.yaml``
+    stores (read as data, never evaluated), compared with what the run bundle (``run_bundle_id`` in the config being
+    parsed, by default the train config's RunBundle) would write for this start; only ``max_epochs`` may grow, and
+    only with ``extend_training``. Keys whose value here is literal are compared first, before anything is read;
+    the ones derived from the dataset (``num_classes``, ...) are resolved and compared after, still before any
+    case is read or cached. The checkpoint is tried as tensors and plain values first (nothing in it executed).
+    """
+    from custom_components.handlers import CheckpointError, read_checkpoint
+
+    run = Path(output_dir)
+    checkpoint = run / CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        return None  # a new run, or one stopped before its first epoch's checkpoint: nothing is resumed
+    try:
+        read_checkpoint(checkpoint)
+    except CheckpointError as err:
+        return str(err)
+    stored_file = run / "configs" / "train.yaml"
+    fix = f"delete {checkpoint} to train this folder from scratch, or start a new output_dir"
+    try:
+        stored = yaml.safe_load(stored_file.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        reason = "is missing" if isinstance(err, FileNotFoundError) else f"cannot be read as YAML ({err})"
+        return f"{checkpoint} cannot be resumed: {stored_file}, the settings it trained with, {reason}; {fix}"
+    if not isinstance(stored, Mapping):
+        return f"{checkpoint} cannot be resumed: {stored_file} holds no settings; {fix}"
+    parser = parser if parser is not None else _active_parser()
+    if parser is None:
+        raise RuntimeError("resume_problem needs the config parser: call it from a config expression or pass it")
+    target = str(parser.get(f"{run_bundle_id}#_target_", ""))
+    if not target.endswith("RunBundle"):
+        raise RuntimeError(f"{run_bundle_id} of the config is {target or 'not a component'}, not the RunBundle")
+    extend = truthy(extend_training)
+    keys = set(user_keys((Path(bundle_root) / "configs" / "train.yaml").read_text())) - set(RESULT_NEUTRAL)
+    paths = parser.get(f"{run_bundle_id}#paths", [])
+    ids = {}  # key -> config id of the value the run bundle writes for it (training values last, as it writes them)
+    for group in ("settings", "training_settings"):
+        for key in parser.get(f"{run_bundle_id}#{group}", {}):
+            if key in keys:
+                ids[key] = f"{run_bundle_id}#{group}#{key}"
+
+    def source(config_id: str) -> Any:
+        raw = parser.get(config_id)
+        return parser.get(raw[1:]) if isinstance(raw, str) and raw.startswith("@") else raw
+
+    def now(selected: list[str]) -> dict[str, Any]:
+        values = run_values({key: parser.get_parsed_content(ids[key]) for key in selected}, paths)
+        return {key: _as_written(value) for key, value in values.items()}
+
+    literal = [key for key in ids if _literal(source(ids[key]))]
+    first = _verdict(_differences(stored, now(literal)), extend, run, stored_file)  # before anything is read
+    if first:
+        return first
+    return _verdict(_differences(stored, now(list(ids))), extend, run, stored_file)
+
+
+def check_resume(
+    output_dir: str | Path,
+    bundle_root: str | Path,
+    run_bundle_id: str = "train#handlers#2",
+    extend_training: Any = False,
+) -> None:
+    """:func:`resume_problem` from a config's ``initialize``: a refused restart stops with the differences and the
+    fix, without a traceback (``ResumableCheckpoint`` logs the resume, and an extension, when training starts)."""
+    problem = resume_problem(output_dir, bundle_root, run_bundle_id, extend_training, parser=_active_parser())
+    if problem:
+        logger.error("%s", problem)
+        sys.exit(f"error: {problem}")

@@ -4,6 +4,7 @@ bad input."""
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -45,7 +46,34 @@ def test_short_training_reaches_dice_bound(dataset3d: Path, tmp_path: Path, lear
     assert (organ_dice > ORGAN_DICE_BOUND) == should_learn, organ_dice
 
 
-def test_interrupted_run_resumes_to_the_same_number_of_epochs(dataset3d: Path, tmp_path: Path) -> None:
+def _curve(output_dir: Path) -> list[dict[str, float]]:
+    with open(output_dir / "learning_curve.csv") as handle:
+        return [
+            {key: float(row[key]) for key in ("epoch", "train_loss", "learning_rate")} for row in csv.DictReader(handle)
+        ]
+
+
+def _assert_same_curve(run: Path, reference: Path) -> None:
+    """Same epochs, training loss equal to 1e-6 and the same learning rate in every epoch."""
+    curve, expected = _curve(run), _curve(reference)
+    assert [row["epoch"] for row in curve] == [row["epoch"] for row in expected]
+    for row, want in zip(curve, expected, strict=True):
+        assert abs(row["train_loss"] - want["train_loss"]) <= 1e-6, (row, want)
+        assert row["learning_rate"] == pytest.approx(want["learning_rate"], rel=1e-9), (row, want)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted4(dataset3d: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run the resumed ones must repeat: 4 epochs of the small 3D settings, never stopped."""
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted4"
+    overrides = {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": out, "max_epochs": 4, "val_interval": 1}
+    run_bundle(TRAIN_3D, overrides)
+    return out
+
+
+def test_interrupted_run_resumes_to_the_same_learning_curve(
+    dataset3d: Path, tmp_path: Path, uninterrupted4: Path
+) -> None:
     out = tmp_path / "run"
     overrides = {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": out, "max_epochs": 4, "val_interval": 1}
     process = subprocess.Popen(
@@ -59,17 +87,38 @@ def test_interrupted_run_resumes_to_the_same_number_of_epochs(dataset3d: Path, t
     interrupted_epochs = read_metrics(out)["epochs"]
     assert interrupted_epochs < 4, "the run finished before it could be interrupted"
 
-    result = run_bundle(TRAIN_3D, overrides)
+    result = run_bundle(TRAIN_3D, overrides)  # the killed run left no lock behind
     assert "resumed from" in result.stdout + result.stderr
-    with open(out / "learning_curve.csv") as handle:
-        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
-    assert epochs == [1, 2, 3, 4]
     assert read_metrics(out)["epochs"] == 4
+    # the random state of every epoch is the uninterrupted run's: the same patches, augmentations and order
+    _assert_same_curve(out, uninterrupted4)
 
     # the run folder is a bundle: its own train.yaml resumes it in place, and a finished run trains nothing more
     result = run_bundle(out / "configs" / "train.yaml", {})
     assert "resumed from" in result.stdout + result.stderr
     assert read_metrics(out)["epochs"] == 4
+
+
+def test_finished_run_is_extended_only_when_asked(run3d: Path, tmp_path: Path, uninterrupted4: Path) -> None:
+    out = Path(shutil.copytree(run3d, tmp_path / "run"))  # 2 epochs of the same settings, finished
+    stored = {**ConfigParser.load_config_file(out / "configs/train.yaml")}
+    checkpoint = (out / "models/checkpoint_last.pt").read_bytes()
+    overrides = {**SMALL_3D, "dataset_dir": stored["dataset_dir"], "output_dir": out, "val_interval": 1}
+
+    # other settings than the stored ones: refused before any data is read, each difference listed with the fix
+    refused = run_bundle(TRAIN_3D, {**overrides, "max_epochs": 8, "learning_rate": 0.01}, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "learning_rate: 0.003 -> 0.01" in refused.stderr and "max_epochs: 2 -> 8" in refused.stderr
+    assert "start a new output_dir, or resume with the stored values" in refused.stderr.lower()
+    assert "--extend_training True" in refused.stderr
+    assert (out / "models/checkpoint_last.pt").read_bytes() == checkpoint
+    assert ConfigParser.load_config_file(out / "configs/train.yaml") == stored  # not rewritten: nothing started
+
+    # extended to 4 epochs on request: the schedule laid out again over 4 epochs, as a run of 4 from the start
+    result = run_bundle(TRAIN_3D, {**overrides, "max_epochs": 4, "extend_training": True})
+    assert "extended from 2 to 4 epochs" in result.stdout + result.stderr
+    assert read_metrics(out)["epochs"] == 4
+    _assert_same_curve(out, uninterrupted4)
 
 
 def test_each_run_gets_its_own_output_dir() -> None:

@@ -100,12 +100,23 @@ def test_split_is_deterministic_disjoint_and_complete() -> None:
         split_datalist(cases, 0, 11)
 
 
+def test_one_fold_trains_on_every_case() -> None:
+    """num_folds 1 (nnU-Net's fold `all`): every case for training, none for validation; only fold 0 exists."""
+    cases = [{"image": f"/d/case_{i:03d}.nii.gz", "label": f"/l/case_{i:03d}.nii.gz"} for i in range(3)]
+    assert split_datalist(cases, 0, 1, seed=4) == (cases, [])
+    with pytest.raises(DatasetError, match="fold=1 num_folds=1: need num_folds >= 1 and 0 <= fold < num_folds"):
+        split_datalist(cases, 1, 1)
+    with pytest.raises(DatasetError, match="num_folds=0"):
+        split_datalist(cases, 0, 0)
+
+
 def test_splits_file_overrides_folds(tmp_path: Path) -> None:
     cases = [{"image": f"/d/case_{i:03d}.nii.gz", "label": f"/l/case_{i:03d}.nii.gz"} for i in range(4)]
     splits = tmp_path / "splits_final.json"
     splits.write_text(json.dumps([{"train": ["case_000", "case_001", "case_002"], "val": ["case_003"]}]))
     train, val = split_datalist(cases, 0, 5, splits_file=splits)
     assert [c["image"] for c in val] == ["/d/case_003.nii.gz"] and len(train) == 3
+    assert split_datalist(cases, 0, 1, splits_file=splits) == (train, val)  # the file decides, num_folds 1 or not
     splits.write_text(json.dumps([{"train": ["case_000"], "val": ["case_999"]}]))
     with pytest.raises(DatasetError, match="case_999"):
         split_datalist(cases, 0, 5, splits_file=splits)

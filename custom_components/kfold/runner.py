@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from custom_components import settings
 from custom_components.bundle import bundle_command, command_line_value
 from custom_components.data import check_datalist, load_dataset_json
 from custom_components.handlers import atomic_write_json
@@ -313,6 +314,9 @@ def run_cv(
     found = Bundle.find(bundle)
     output, dataset_dir = Path(output).resolve(), Path(dataset_dir).resolve()
     overrides = dict(overrides or {})
+    problems = settings.check(overrides, found.path, "train")  # every --set key, before any work
+    if problems:
+        raise KFoldError(settings.report(problems, found.path, "train", "--set"))
     state = prepare(
         found,
         dataset_dir,

@@ -1,0 +1,191 @@
+"""Run folders that cannot be confused or hijacked: the lock of a running training, a restart refused unless it
+continues the stored run, and checkpoints read as tensors and plain values (a planted payload never runs).
+
+The learning curves of a resumed and an extended run against an uninterrupted one are in test_bundle_unet3d.py."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from monai.bundle import ConfigParser
+
+from custom_components import data, runlock
+from custom_components.handlers import CheckpointError, read_checkpoint
+from custom_components.run_bundle import resume_problem
+from tests.conftest import REPO, SMALL_3D, run_bundle
+
+TRAIN_3D = "bundles/unet3d/configs/train.yaml"
+RUNLOCK = REPO / "custom_components" / "runlock.py"
+# another process holding a run folder's lock: runlock.py alone (no torch import), until its stdin closes
+HOLDER = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("runlock", {str(RUNLOCK)!r})
+runlock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runlock)
+runlock.lock_run_folder(sys.argv[1])
+import os, time
+child = os.fork()  # a data-loading worker, forked after the lock: it must not keep the lock after its parent
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print("locked", child, flush=True)
+sys.stdin.read()
+"""
+
+
+def _hold(folder: Path) -> subprocess.Popen:
+    """A process holding ``folder``'s lock, with a forked child (``.child``: its PID)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    word, child = holder.stdout.readline().split()
+    assert word == "locked"
+    holder.child = int(child)
+    return holder
+
+
+def _kill(holder: subprocess.Popen) -> None:
+    holder.kill()
+    holder.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(holder.child, signal.SIGKILL)
+
+
+def test_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    holder = _hold(folder)
+    with pytest.raises(runlock.RunLockError, match=rf"in use by process {holder.pid} \(.+, since .+\): wait for it"):
+        runlock.RunLock(folder).acquire()
+    holder.kill()  # a killed run: the operating system releases its lock, nothing stale is left
+    holder.wait()
+    os.kill(holder.child, 0)  # even while the child it forked lives on
+    lock = runlock.RunLock(folder).acquire()
+    _kill(holder)
+    assert json.loads((folder / runlock.LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert runlock.lock_run_folder(folder, enabled=False) is None  # ranks other than 0 of a distributed run
+
+
+def test_second_training_on_a_folder_in_use_stops_at_once(dataset3d: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    holder = _hold(out)  # a training running in this folder
+    try:
+        started = time.monotonic()
+        result = run_bundle(TRAIN_3D, {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": out}, check=False)
+        seconds = time.monotonic() - started
+    finally:
+        _kill(holder)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{out} is in use by process {holder.pid}" in result.stderr
+    assert "wait for it or pass another --output_dir" in result.stderr
+    assert [path.name for path in out.iterdir()] == [runlock.LOCK_FILE], "it wrote into the folder in use"
+    assert seconds < 60, seconds  # before any case was read or cached
+
+
+def _parser(run: Path, **overrides: object) -> ConfigParser:
+    """The 3D bundle's train config as the command line `--key value` pairs of the run's own start build it."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / TRAIN_3D))
+    values = {key: yaml.safe_load(value) for key, value in SMALL_3D.items()}
+    parser.update({**values, "max_epochs": 2, "val_interval": 1, **overrides})
+    parser["output_dir"] = str(run)
+    parser["bundle_root"] = str(REPO / "bundles" / "unet3d")
+    return parser
+
+
+def _problem(run: Path, dataset: Path, extend: bool = False, **overrides: object) -> str | None:
+    """Why a start with run3d's values and ``overrides`` may not resume ``run`` (a copy of ``run3d``)."""
+    parser = _parser(run, dataset_dir=str(dataset), **overrides)
+    return resume_problem(run, REPO / "bundles" / "unet3d", extend_training=extend, parser=parser)
+
+
+def test_resume_is_faithful_or_refused(
+    run3d: Path, dataset3d: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = Path(shutil.copytree(run3d, tmp_path / "run"))
+    assert _problem(run, dataset3d) is None  # the stored values: resumed
+    assert (
+        _problem(run, dataset3d, progress_bar=True, cache_rate=0.5) is None
+    )  # how a session shows and holds data only
+    fresh = tmp_path / "new"
+    (fresh / "configs").mkdir(parents=True)
+    shutil.copy(run / "configs/train.yaml", fresh / "configs/train.yaml")
+    assert (
+        _problem(fresh, dataset3d, learning_rate=0.01) is None
+    )  # no checkpoint: nothing to resume, a new run in the folder
+
+    # a literal key that differs is refused before the dataset is even opened
+    def opened(*_args: object) -> None:
+        raise AssertionError("the dataset was read")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "read_description", opened)
+        problem = _problem(run, dataset3d, learning_rate=0.01, norm="batch")
+    assert "learning_rate: 0.003 -> 0.01" in problem and "norm: instance -> batch" in problem
+    assert "Start a new output_dir, or resume with the stored values" in problem
+
+    # extension: max_epochs may grow, with extend_training only, and nothing else may change with it
+    assert "max_epochs: 2 -> 6" in _problem(run, dataset3d, max_epochs=6)
+    assert _problem(run, dataset3d, extend=True, max_epochs=6) is None
+    assert "learning_rate: 0.003 -> 0.01" in _problem(run, dataset3d, extend=True, max_epochs=6, learning_rate=0.01)
+    assert "lets max_epochs grow only" in _problem(run, dataset3d, extend=True, max_epochs=1)
+
+    # what training derives from dataset.json is compared once resolved (still before any case is read)
+    stored = (run / "configs/train.yaml").read_text()
+    (run / "configs/train.yaml").write_text(stored.replace("\nnum_classes: 3", "\nnum_classes: 4"))
+    assert "num_classes: 4 -> 3" in _problem(run, dataset3d)
+
+    # a checkpoint without the settings it trained with is not resumed blindly
+    (run / "configs/train.yaml").unlink()
+    assert "configs/train.yaml, the settings it trained with, is missing" in _problem(run, dataset3d)
+
+
+class Payload:
+    """What a planted checkpoint could hold: unpickling it runs a command (here: create a marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_are_read_as_tensors_and_plain_values(run3d: Path, tmp_path: Path) -> None:
+    state = read_checkpoint(run3d / "models/checkpoint_last.pt")  # what a run writes loads with weights_only
+    assert set(state) == {"network", "optimizer", "lr_scheduler", "report", "engine"}
+    marker = tmp_path / "executed"
+    planted = tmp_path / "planted.pt"
+    torch.save({"engine": Payload(marker)}, planted)
+    torch.load(planted, weights_only=False)  # the payload is live: loading it the old way runs it
+    assert marker.exists()
+    marker.unlink()
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(pickle.dumps(Payload(marker)))  # the pre-zip format too
+    for path in (planted, legacy):
+        with pytest.raises(CheckpointError, match="not a checkpoint of tensors and plain values .*may execute code"):
+            read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_planted_checkpoint_is_refused_not_executed(run3d: Path, tmp_path: Path) -> None:
+    run = Path(shutil.copytree(run3d, tmp_path / "run"))  # a shared or downloaded run folder
+    marker = tmp_path / "executed"
+    checkpoint = run / "models/checkpoint_last.pt"
+    torch.save({"engine": Payload(marker)}, checkpoint)
+    result = run_bundle(run / "configs/train.yaml", {}, check=False)  # resumed from its own config
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert not marker.exists(), "the planted checkpoint was executed"
+    assert f"{checkpoint} is not a checkpoint of tensors and plain values" in result.stderr
+    assert "it may execute code; delete it or start a new output_dir" in result.stderr
