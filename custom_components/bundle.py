@@ -15,11 +15,12 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from monai.bundle import ConfigWorkflow
 
+T = TypeVar("T")
 CONFIG_FILE_ARGUMENTS = ("config_file", "config_file_")  # names of the config file in MONAI's bundle functions
 
 
@@ -44,6 +45,18 @@ def _frame_config_folder(frame: FrameType) -> Path | None:
             config_file = frame.f_locals.get(name)
             if isinstance(config_file, str | list | tuple) and config_file:
                 return _config_folder(config_file)
+    return None
+
+
+def running(kind: type[T]) -> T | None:
+    """The nearest object of ``kind`` whose method is on the call stack (MONAI's ``ConfigWorkflow`` or
+    ``ConfigParser`` evaluating the calling config expression), or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, kind):
+            return owner
+        frame = frame.f_back
     return None
 
 

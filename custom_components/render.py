@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import yaml
 
 from custom_components.paths import REPO_ROOT
 from custom_components.run_bundle import flow
-from custom_components.settings import DECLARATIONS
+from custom_components.settings import DECLARATIONS, declared_field
 
 TEMPLATE = REPO_ROOT / "bundles" / "template"
 BUNDLES = {"unet3d": 3, "unet2d": 2}  # bundle folder -> spatial dimensions
@@ -52,18 +52,6 @@ class Setting:
         return "\n".join([*(f"# {line}" for line in comment), text])
 
 
-def _field(entry: Mapping[str, Any], bundle: str, config: str, name: str, default: Any = None) -> Any:
-    """A field of a settings.yaml entry: the bundle's value for this config first, the general value last."""
-    layers = (entry.get(bundle, {}), entry)
-    for layer in layers:
-        if f"{name}_{config}" in layer:
-            return layer[f"{name}_{config}"]
-    for layer in layers:
-        if name in layer:
-            return layer[name]
-    return default
-
-
 def load_settings(bundle: str, config: str) -> list[Setting]:
     """The keys of ``settings.yaml`` that ``config`` of ``bundle`` uses, in declaration order."""
     declared = yaml.safe_load(DECLARATIONS.read_text())
@@ -76,8 +64,8 @@ def load_settings(bundle: str, config: str) -> list[Setting]:
                 Setting(
                     key=key,
                     section=section,
-                    value=_field(entry, bundle, config, "default"),
-                    help=" ".join(str(_field(entry, bundle, config, "help", "")).split()),
+                    value=declared_field(entry, bundle, config, "default"),
+                    help=" ".join(str(declared_field(entry, bundle, config, "help", "")).split()),
                     frozen=entry.get("frozen", True),
                     path=bool(entry.get("path", False)),
                     source=entry.get("from", key),

@@ -23,6 +23,7 @@ import torch
 import yaml
 from ignite.engine import Engine, Events
 
+from custom_components.bundle import running
 from custom_components.data import case_id
 from custom_components.handlers import MODEL_FILE, TrainingReport, atomic_write_bytes, atomic_write_json
 
@@ -299,17 +300,11 @@ _ABSENT = "(not set)"
 
 
 def _active_parser() -> Any:
-    """The ``ConfigParser`` evaluating the calling config expression, found on the call stack (as
-    ``bundle.bundle_root`` finds MONAI's workflow): MONAI's entry points and a parser built by hand alike."""
+    """The ``ConfigParser`` evaluating the calling config expression: MONAI's entry points and a parser built by
+    hand alike."""
     from monai.bundle import ConfigParser
 
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, ConfigParser):
-            return owner
-        frame = frame.f_back
-    return None
+    return running(ConfigParser)
 
 
 def _literal(value: Any) -> bool:

@@ -56,7 +56,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from custom_components.bundle import MONAI_SIGILS
+from custom_components.bundle import MONAI_SIGILS, running
 from custom_components.norms import NORM_CHOICES
 from custom_components.run_bundle import flow
 from custom_components.transforms import INTENSITY_SCHEMES
@@ -91,7 +91,7 @@ class Declaration:
         return self.check.get("type", "any")
 
 
-def _field(entry: Mapping[str, Any], bundle: str, config: str, name: str, default: Any = None) -> Any:
+def declared_field(entry: Mapping[str, Any], bundle: str, config: str, name: str, default: Any = None) -> Any:
     """A field of a settings.yaml entry: the bundle's value for this config first, the general value last."""
     layers = (entry.get(bundle, {}), entry)
     for layer in layers:
@@ -131,7 +131,7 @@ def declarations(kind: str) -> dict[str, Declaration]:
                 key=key,
                 section=section,
                 configs=configs,
-                help={c: " ".join(str(_field(entry, kind, c, "help", "")).split()) for c in CONFIGS},
+                help={c: " ".join(str(declared_field(entry, kind, c, "help", "")).split()) for c in CONFIGS},
                 check={**entry.get("check", {}), **entry.get(kind, {}).get("check", {})},
             )
     return found
@@ -721,22 +721,11 @@ def report(problems: Sequence[Problem], bundle: str | Path, config: str, option:
 # --- the hook every workflow runs first ---------------------------------------------------------------------------
 
 
-def _running_workflow() -> ConfigWorkflow | None:
-    """MONAI's ``ConfigWorkflow`` evaluating this config, found on the call stack (as ``bundle.bundle_root``)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, ConfigWorkflow):
-            return owner
-        frame = frame.f_back
-    return None
-
-
 def check_workflow(config: str) -> None:
     """Check the running workflow's settings before any data is read (first of every bundle config's
     ``initialize``): on problems, log them and exit with all of them, no traceback; booleans given as text are
     written back as booleans."""
-    workflow = _running_workflow()
+    workflow = running(ConfigWorkflow)  # MONAI's workflow evaluating this config
     if workflow is None:  # a parser built by hand: its caller sets and checks the values
         logger.debug("settings: no MONAI ConfigWorkflow on the call stack, nothing checked")
         return
