@@ -1,6 +1,6 @@
 """Components the MONAI bundles need and MONAI lacks: dataset checks, reports, the run folder as a bundle,
-inference that skips unreadable inputs, intensity schemes, small-batch normalisation and the U-Net with or
-without skip connections."""
+inference that skips unreadable inputs, flip TTA, surface metrics in mm, intensity schemes, small-batch
+normalisation and the U-Net with or without skip connections."""
 
 from custom_components import (
     bundle,
@@ -8,6 +8,7 @@ from custom_components import (
     evaluation,
     handlers,
     inference,
+    metrics,
     networks,
     norms,
     run_bundle,
@@ -21,6 +22,7 @@ __all__ = [
     "evaluation",
     "handlers",
     "inference",
+    "metrics",
     "networks",
     "norms",
     "run_bundle",

@@ -1,4 +1,6 @@
-"""Inference over a folder that may hold unreadable files: each is reported and skipped, the others are written.
+"""Inference over a folder that may hold unreadable files, and flip test-time augmentation.
+
+Unreadable files: each is reported and skipped, the others are written.
 
 MONAI's ``Dataset`` raises on the first image it cannot load and the whole run stops. Here the dataset returns a
 :class:`SkippedCase` for it, the collate function passes that through, and :class:`SkippingEvaluator` records it
@@ -7,15 +9,18 @@ instead of running the network, then ends the run non-zero with the list once ev
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
 from monai.data import Dataset, list_data_collate
 from monai.engines import SupervisedEvaluator
+from monai.inferers import Inferer
 
 from custom_components.data import DatasetError, image_spatial_dims
 
@@ -81,3 +86,55 @@ class SkippingEvaluator(SupervisedEvaluator):
                 f"error: {len(self.skipped)} input(s) could not be read and were skipped (the others are written):\n"
                 f"{listing}\nre-export them (NIfTI, PNG or TIFF) and run again on them"
             )
+
+
+def flip_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of ``axes`` to flip together, the empty one (no flip) first: 2**len(axes) passes."""
+    return [combo for size in range(len(axes) + 1) for combo in itertools.combinations(axes, size)]
+
+
+class FlipTTAInferer(Inferer):
+    """Test-time augmentation by flips: ``inferer`` runs on every combination of flips of ``axes`` (spatial axes of
+    the image), each output is flipped back, and the softmax probabilities are averaged.
+
+    It returns ``log`` of the averaged probabilities: logits whose softmax is that average, so the configs'
+    postprocessing (softmax, argmax) is the same with and without it.
+    """
+
+    def __init__(self, inferer: Callable[..., torch.Tensor], axes: Sequence[int]) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.flips = flip_combinations(sorted(set(axes)))
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        total = torch.zeros(())
+        for combo in self.flips:
+            dims = [2 + axis for axis in combo]  # after the batch and channel dimensions
+            flipped = torch.flip(inputs, dims) if dims else inputs
+            output = self.inferer(flipped, network, *args, **kwargs)
+            probabilities = torch.softmax(torch.flip(output, dims) if dims else output, dim=1)
+            total = total + probabilities
+        return torch.log((total / len(self.flips)).clamp_min(torch.finfo(total.dtype).tiny))
+
+
+def flip_tta(
+    inferer: Callable[..., torch.Tensor],
+    enabled: bool,
+    axes: Sequence[int] | None,
+    image_dims: int,
+    slice_axis: int | None = None,
+) -> Callable[..., torch.Tensor]:
+    """``inferer`` itself, or with flip TTA over ``axes`` (None: every spatial axis of the ``image_dims``-D images).
+
+    ``slice_axis``: the axis a 2D network slides along over a volume; its neighbouring slices are channels
+    (2.5D), whose order a flip along it would reverse, so it is never flipped. A bad axis stops the run, named.
+    """
+    if not enabled:
+        return inferer
+    allowed = [axis for axis in range(image_dims) if axis != slice_axis]
+    chosen = allowed if axes is None else list(axes)
+    wrong = [axis for axis in chosen if axis not in allowed]
+    if wrong:
+        why = f" (the slice axis {slice_axis} is never flipped: 2.5D context)" if slice_axis in wrong else ""
+        sys.exit(f"error: tta_axes {list(axes or [])}: {wrong} not among the flippable axes {allowed}{why}")
+    return FlipTTAInferer(inferer, chosen)

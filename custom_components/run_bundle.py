@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import yaml
 from ignite.engine import Engine, Events
+from monai.bundle import ConfigWorkflow
 
 from custom_components.bundle import running
 from custom_components.data import case_id
-from custom_components.handlers import MODEL_FILE, TrainingReport, atomic_write_bytes, atomic_write_json
+from custom_components.handlers import TrainingReport, atomic_write_bytes, atomic_write_json
 
 CONFIGS = ("train", "inference", "evaluate", "multi_gpu_train")  # the bundle's workflows, each copied if present
 TRAINING_CONFIGS = ("train", "multi_gpu_train")  # their output_dir is the run folder itself, wherever it is moved
@@ -268,7 +269,8 @@ as the value this run used, `models/model.pt` {weights}.
 
 ## Result
 {result}{where}
-Curves: `learning_curve.png`; per epoch: `learning_curve.csv`; summary: `metrics.json`.
+Curves: `learning_curve.png`; per epoch: `learning_curve.csv`; summary: `metrics.json`; everything on one page,
+with the best, median and worst validation case drawn: `report.html` (scores per case: `evaluation/evaluation.json`).
 
 ## Use it
 ```bash
@@ -276,9 +278,10 @@ Curves: `learning_curve.png`; per epoch: `learning_curve.csv`; summary: `metrics
 python -m monai.bundle run inference --config_file {run}/configs/inference.yaml --input_dir SCANS --output_dir OUT
 # score it: {score}
 python -m monai.bundle run evaluating --config_file {run}/configs/evaluate.yaml {dataset_arg}
-# TorchScript
-python -m monai.bundle ckpt_export network_def --filepath {run}/models/model.ts --ckpt_file {run}/{MODEL_FILE} \\
-    --meta_file {run}/configs/metadata.json --config_file {run}/configs/inference.yaml
+# ONNX (or --format torchscript), checked against PyTorch before it is written
+python -m custom_components.export {run} --format onnx
+# the report page (written at the end of training): {run}/report.html
+python -m custom_components.report {run}
 # resume an interrupted training
 python -m monai.bundle run training --config_file {run}/configs/train.yaml
 ```
@@ -290,11 +293,64 @@ python -m monai.bundle run training --config_file {run}/configs/train.yaml
 """
 
 
+# --- the end of a training run: its best model scored, and the report page ------------------------------------------
+
+EVALUATION_DIR = "evaluation"  # where the run's own evaluate.yaml writes, as `kfold` has it for every fold
+
+
+def evaluate_run(run: str | Path) -> Path:
+    """Score the run's best model on its validation cases with its own ``configs/evaluate.yaml``, in this process:
+    ``evaluation/evaluation.json`` (Dice, HD95, NSD per case) and the predicted label maps for report.html."""
+    run = Path(run)
+    workflow = ConfigWorkflow(
+        config_file=str(run / "configs" / "evaluate.yaml"),
+        workflow_type="eval",
+        output_dir=str(run / EVALUATION_DIR),
+        progress_bar=False,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return run / EVALUATION_DIR / "evaluation.json"
+
+
+class RunReport:
+    """At the end of training (main process): with ``enabled``, the best model scored on the validation cases by
+    the run's own evaluate.yaml (``evaluation/``; skipped without validation cases), then ``report.html``."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, validate: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+        self.validate = validate
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def write(self, _engine: Engine) -> None:
+        """Evaluate (when there are validation cases) and write report.html; a failure is logged, not raised: the
+        model and metrics are already written, and the report can be made again with custom_components.report."""
+        from custom_components.report import write_report  # matplotlib's figures only when a report is made
+
+        try:
+            if self.validate:
+                evaluate_run(self.output_dir)
+            page = write_report(self.output_dir)
+        except Exception:
+            logger.exception(
+                "the end-of-training report failed; the run is complete. Write it again with: "
+                "python -m custom_components.report %s",
+                self.output_dir,
+            )
+            return
+        logger.info("report: %s", page)
+
+
 # --- a restart on a run folder: faithful or refused ---------------------------------------------------------------
 
 CHECKPOINT_FILE = Path("models") / "checkpoint_last.pt"  # what ResumableCheckpoint resumes from
-# keys a resume may change: how a session shows its progress and holds its data, never what it computes
-RESULT_NEUTRAL = ("progress_bar", "log_every_iteration", "cache_rate")
+# keys a resume may change: how a session shows its progress, holds its data and reports, never what it computes
+RESULT_NEUTRAL = ("progress_bar", "log_every_iteration", "cache_rate", "report")
 EXTENDABLE = "max_epochs"  # the one key `extend_training` lets grow
 _ABSENT = "(not set)"
 

@@ -81,3 +81,16 @@ class SliceContextd(MapTransform):
             ]
             d[key] = torch.stack(shifted, dim=1).flatten(0, 1)  # (C, 2k+1, ...) -> (C * (2k+1), ...)
         return d
+
+
+class BackgroundOutsided(MapTransform):
+    """Probabilities mapped back onto the input grid are all zero where preprocessing cropped the image (Invertd
+    pads with zeros): there the background gets probability 1, so every voxel's probabilities sum to 1."""
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            probabilities = data[key]
+            outside = probabilities.sum(dim=0) == 0
+            probabilities[0][outside] = 1.0
+        return data

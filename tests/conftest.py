@@ -32,6 +32,7 @@ SMALL_3D = {
     "learning_rate": "0.003",
     "progress_bar": "False",
     "log_every_iteration": "False",
+    "report": "False",  # the end-of-training evaluation and report.html: on in the shared `run3d` only
 }
 # The 2D bundle on the same volumes: 32x32 slices, in-plane spacing as the data, the slice spacing kept.
 SMALL_2D = {**SMALL_3D, "patch_size": "[32,32]", "spacing": "[0.8,0.8,-1]"}
@@ -93,8 +94,9 @@ def read_metrics(output_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def run3d(dataset3d: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder of the 3D bundle trained for 2 epochs on ``dataset3d``: a bundle of its own (do not modify)."""
+    """A run folder of the 3D bundle trained for 2 epochs on ``dataset3d``: a bundle of its own, with its
+    end-of-training evaluation (evaluation/) and report.html (do not modify)."""
     out = tmp_path_factory.mktemp("runs") / "run3d"
     overrides = {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": out, "max_epochs": 2, "val_interval": 1}
-    run_bundle("bundles/unet3d/configs/train.yaml", overrides)
+    run_bundle("bundles/unet3d/configs/train.yaml", {**overrides, "report": True})
     return out

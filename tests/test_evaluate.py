@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from custom_components.data import case_id, check_datalist, load_dataset_json, split_datalist
@@ -49,6 +51,29 @@ def test_evaluation_scores_every_validation_case(bundle: str, run3d: Path, datas
         scores = evaluation["cases"][case_id(row["filename"])]
         assert float(row["mean"]) == pytest.approx(scores["mean_dice"], abs=1e-5)
         assert float(row["class0"]) == pytest.approx(scores["dice"]["organ"], abs=1e-5)
+    _check_surface_metrics_and_predictions(evaluation, out)
+
+
+def _check_surface_metrics_and_predictions(evaluation: dict, out: Path) -> None:
+    """HD95 and NSD for every case and class, their summary, the largest-component effect, predictions on grid."""
+    classes = ["organ", "lesion"]
+    for case, scores in evaluation["cases"].items():
+        for metric in ("hd95", "nsd"):
+            assert sorted(scores[metric]) == sorted(classes) and all(np.isfinite(list(scores[metric].values())))
+        assert all(0 <= value <= 1 for value in scores["nsd"].values())
+        assert sorted(scores["largest_component_dice"]) == sorted(classes)
+        prediction = Path(scores["prediction"])
+        assert prediction == out / "predictions" / f"{case}_seg.nii.gz"
+        image = nib.load(scores["image"])
+        assert nib.load(prediction).shape == image.shape  # on the image's own grid
+        np.testing.assert_allclose(nib.load(prediction).affine, image.affine, atol=1e-4)
+    for metric in ("dice", "hd95", "nsd"):
+        for name in classes:
+            values = [scores[metric][name] for scores in evaluation["cases"].values()]
+            assert evaluation["summary"][metric][name]["mean"] == pytest.approx(np.mean(values))
+            assert evaluation["summary"][metric][name]["median"] == pytest.approx(np.median(values))
+    assert sorted(evaluation["postprocess_effect"]) == sorted(classes)
+    assert evaluation["nsd_tolerance_mm"] == 2.0 and "empty" in evaluation["empty_policy"]
 
 
 def test_another_dataset_is_scored_on_every_labelled_case(run3d: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from custom_components.synthetic import write_dataset
 from tests.conftest import SMALL_2D, SMALL_3D, run_bundle
@@ -53,6 +54,23 @@ def test_run_folder_predicts_alone_as_the_source_bundle_with_every_key_repeated(
     overrides |= {"model_path": run3d / "models/model.pt", "input_dir": inputs, "output_dir": repeated}
     run_bundle("bundles/unet3d/configs/inference.yaml", overrides, run_id="inference")
     np.testing.assert_array_equal(labels, np.asarray(nib.load(repeated / "scan_seg.nii.gz").dataobj))
+
+
+def test_tta_postprocessing_and_probabilities(run3d: Path, dataset3d: Path, tmp_path: Path) -> None:
+    inputs, flipped, _ = _scans(dataset3d, tmp_path / "new")
+    out = tmp_path / "out"
+    overrides = {"input_dir": inputs, "output_dir": out, "tta": True, "postprocess": "[organ]"}
+    run_bundle(run3d / "configs/inference.yaml", {**overrides, "save_probabilities": True}, run_id="inference")
+    probabilities = np.asarray(nib.load(out / "scan_prob.nii.gz").dataobj)
+    assert probabilities.shape == (*flipped.shape, 3)  # one channel per class, on the input grid
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)
+    labels = np.asarray(nib.load(out / "scan_seg.nii.gz").dataobj)
+    organ = labels == 1
+    if organ.any():  # `postprocess: [organ]`: one connected organ
+        assert scipy.ndimage.label(organ, structure=np.ones((3, 3, 3)))[1] == 1  # MONAI: full connectivity
+    # where postprocessing left the argmax alone, the label map is the argmax of the written probabilities
+    argmax = probabilities.argmax(axis=-1)
+    assert ((labels == argmax) | (argmax == 1)).all()
 
 
 @pytest.mark.parametrize("dim", [3, 2], ids=["2d-bundle-volumes", "2d-bundle-2d-images"])

@@ -244,6 +244,7 @@ def test_a_fold_trains_unless_trained_then_scores_with_its_own_configs(
     assert train[4:7] == ["training", "--config_file", str(bundle.config("train"))]
     assert {key[2:]: DefaultParseValue(value) for key, value in zip(train[7::2], train[8::2], strict=True)} == {
         "progress_bar": False,
+        "report": False,
         **overrides,
         "dataset_dir": str(tmp_path / "data"),
         "output_dir": str(fold.path),
@@ -356,10 +357,19 @@ def test_report_has_finite_scores_and_every_case_out_of_fold(cross_validation: S
     assert ensemble["measured"] and sorted(ensemble["cases"]) == ["case_006", "case_007"]
     assert np.isfinite(ensemble["mean_dice"])
     assert report["verdict"]["stable"] in (True, False) and report["verdict"]["text"]
+    for score in oof.values():  # surface metrics out of fold too, per case and class
+        assert all(np.isfinite(list(score[metric].values())).all() for metric in ("hd95", "nsd"))
+    hd95 = report["summary"]["oof_metrics"]["hd95"]["organ"]
+    assert hd95["median"] == pytest.approx(np.median([score["hd95"]["organ"] for score in oof.values()]))
+    post = report["postprocessing"]
+    assert post["cases"] == 6 and set(post["recommended_postprocess"]) <= {"organ", "lesion"}
+    assert post["recommended_postprocess"] == [n for n, e in post["per_class"].items() if e["verdict"] == "raises"]
     markdown = (output / "report.md").read_text()
     assert report["verdict"]["text"] in markdown and "case_005" in markdown
+    assert "HD95 (mm) organ" in markdown and "--postprocess" in markdown
     for plot in ("fold_dice.png", "case_dice.png", "fold_balance.png"):
         assert (output / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Best, median and worst case" in (output / "report.html").read_text()
 
 
 def test_ensemble_prediction_is_on_the_input_grid(cross_validation: SimpleNamespace, tmp_path: Path) -> None:

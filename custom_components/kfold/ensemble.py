@@ -22,7 +22,6 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 from monai.engines import EnsembleEvaluator
-from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.transforms import Activationsd, Compose, MeanEnsembled, SaveImaged
 
@@ -39,6 +38,7 @@ from custom_components.kfold.layout import (
     read_state,
 )
 from custom_components.kfold.splits import KFoldError
+from custom_components.metrics import dice_per_class
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def score_test_cases(output: str | Path) -> dict[str, Any] | None:
         predicted = torch.as_tensor(read_image(prediction)[0], dtype=torch.long)
         label = torch.as_tensor(read_image(entry["label"])[0], dtype=torch.long)
         onehots = [one_hot(x.reshape(label.shape)[None, None], state["num_classes"], dim=1) for x in (predicted, label)]
-        rows.append(compute_dice(*onehots, include_background=False, ignore_empty=True)[0])
+        rows.append(dice_per_class(*onehots)[0])  # empty masks as in evaluation (metrics.EMPTY_POLICY)
     cases = [case_id(entry["image"]) for entry in checked]
     scores = dice_scores(torch.stack(rows), state["class_names"], cases)
     result = {"models": folds, **scores, "space": "original image grid"}

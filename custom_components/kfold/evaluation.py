@@ -1,8 +1,8 @@
 """Scoring a trained model on its validation cases: the pieces of the bundles' ``evaluate.yaml`` overlay MONAI lacks.
 
 MONAI's ``MetricsSaver`` writes the per-image Dice as CSV keyed by file path with anonymous class columns;
-:class:`EvaluationReport` writes the same scores to ``evaluation.json`` keyed by case id and class name, which the
-K-fold report reads for the out-of-fold Dice of every case.
+:class:`EvaluationReport` writes the same scores, HD95 and NSD to ``evaluation.json`` keyed by case id and class
+name, which the K-fold report reads for the out-of-fold scores of every case and report.html for its tables.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from monai.utils import MetricReduction
 
 from custom_components.data import case_id
 from custom_components.handlers import atomic_write_json
+from custom_components.metrics import EMPTY_POLICY, SURFACE_METRICS, postprocess_effect, summary
 
 logger = logging.getLogger(__name__)
 
 # Where the scores are measured: the validation preprocessing of the bundle, not the original image grid.
 DICE_SPACE = "validation preprocessing: resampled to `spacing` and cropped to the foreground"
+EFFECT_TOLERANCE = 1e-6  # a Dice change smaller than this is no change
 
 
 def json_number(value: float) -> float | None:
@@ -71,20 +73,31 @@ def require_model(path: str | Path) -> str:
 
 
 class EvaluationReport:
-    """Write ``evaluation.json``: mean and per-class Dice, and the Dice of every case by id and class name.
+    """Write ``evaluation.json``: Dice, HD95 and NSD per case and class by case id and class name, their summary
+    (mean, median, SD), and per class the Dice change of keeping only the largest connected component.
 
-    The per-case scores are the evaluator's metric details (``save_details`` of MONAI's ``MeanDice``), in the
-    order the cases were seen; the case ids come from the file names in each batch's image metadata.
+    The per-case scores are the evaluator's metric details (``save_details`` of the metric handlers), in the order
+    the cases were seen; case ids and file paths come from each batch's metadata. The largest-component effect is
+    measured on ``pred_raw``, the prediction before ``postprocess``, so it is reported whatever ``postprocess`` is.
     """
 
     def __init__(
-        self, path: str | Path, class_names: Sequence[str], model_path: str | Path, key_metric: str = "val_mean_dice"
+        self,
+        path: str | Path,
+        class_names: Sequence[str],
+        model_path: str | Path,
+        nsd_tolerance_mm: float | None = None,
+        predictions_dir: str | Path | None = None,
+        key_metric: str = "val_mean_dice",
     ) -> None:
         self.path = Path(path)
         self.class_names = list(class_names)
         self.model_path = str(model_path)
+        self.nsd_tolerance_mm = nsd_tolerance_mm
+        self.predictions_dir = Path(predictions_dir) if predictions_dir else None
         self.key_metric = key_metric
-        self._cases: list[str] = []
+        self._files: list[dict[str, str | None]] = []
+        self._effects: list[torch.Tensor] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._started)
@@ -92,12 +105,78 @@ class EvaluationReport:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def _started(self, _engine: Engine) -> None:
-        self._cases = []
+        self._files, self._effects = [], []
 
     def _collect_cases(self, engine: Engine) -> None:
-        self._cases += [case_id(str(item["image"].meta["filename_or_obj"])) for item in engine.state.batch]
+        for item in engine.state.batch:
+            image = str(item["image"].meta["filename_or_obj"])
+            label = item.get("label")
+            case = case_id(image)
+            prediction = self.predictions_dir / f"{case}_seg.nii.gz" if self.predictions_dir else None
+            self._files.append(
+                {
+                    "case": case,
+                    "image": image,
+                    "label": str(label.meta["filename_or_obj"]) if hasattr(label, "meta") else None,
+                    "prediction": str(prediction) if prediction else None,
+                }
+            )
+        for output in engine.state.output:
+            if "pred_raw" in output:
+                self._effects.append(postprocess_effect(output["pred_raw"], output["label"]))
 
     def write(self, engine: Engine) -> None:
         """Write the report once every case is scored."""
-        scores = dice_scores(engine.state.metric_details[self.key_metric], self.class_names, self._cases)
-        atomic_write_json({"model_path": self.model_path, **scores, "space": DICE_SPACE}, self.path)
+        cases = [files["case"] for files in self._files]
+        scores = dice_scores(engine.state.metric_details[self.key_metric], self.class_names, cases)
+        details = engine.state.metric_details
+        for metric in SURFACE_METRICS:
+            if f"val_{metric}" in details:
+                table = torch.as_tensor(details[f"val_{metric}"]).reshape(len(cases), len(self.class_names))
+                for files, row in zip(self._files, table.tolist(), strict=True):
+                    scores["cases"][files["case"]][metric] = dict(zip(self.class_names, row, strict=True))
+        for files in self._files:
+            scores["cases"][files["case"]].update({key: files[key] for key in ("image", "label", "prediction")})
+        for files, effect in zip(self._files, self._effects, strict=bool(self._effects)):  # none: no pred_raw
+            scores["cases"][files["case"]]["largest_component_dice"] = {
+                name: {"without": without, "with": with_step}
+                for name, (without, with_step) in zip(self.class_names, effect.tolist(), strict=True)
+            }
+        report = {
+            "model_path": self.model_path,
+            **scores,
+            "summary": self._summary(scores["cases"]),
+            "postprocess_effect": self._postprocess_effect(),
+            "nsd_tolerance_mm": self.nsd_tolerance_mm,
+            "empty_policy": EMPTY_POLICY,
+            "space": DICE_SPACE,
+        }
+        atomic_write_json(report, self.path)
+
+    def _summary(self, cases: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Mean, median and SD over cases of every metric and class."""
+        metrics = [metric for metric in ("dice", *SURFACE_METRICS) if cases and metric in next(iter(cases.values()))]
+        return {
+            metric: {name: summary([case[metric][name] for case in cases.values()]) for name in self.class_names}
+            for metric in metrics
+        }
+
+    def _postprocess_effect(self) -> dict[str, dict[str, Any]]:
+        """Per class: mean Dice without and with keeping the largest component, the change and its direction."""
+        return postprocess_effects(self._effects, self.class_names)
+
+
+def postprocess_effects(effects: Sequence[torch.Tensor], class_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per class, from per-case (classes, 2) Dice without/with the largest-component step: their means, the change
+    and whether the step raises the Dice (nnU-Net keeps a post-processing step only where it does)."""
+    if not effects:
+        return {}
+    means = torch.stack([torch.as_tensor(effect, dtype=torch.float64) for effect in effects]).mean(dim=0).tolist()
+    return {name: effect_entry(*pair) for name, pair in zip(class_names, means, strict=True)}
+
+
+def effect_entry(without: float, with_step: float) -> dict[str, Any]:
+    """A class's mean Dice without and with the largest-component step, the change and whether it raises it."""
+    change = with_step - without
+    verdict = "raises" if change > EFFECT_TOLERANCE else "lowers" if change < -EFFECT_TOLERANCE else "unchanged"
+    return {"dice_without": without, "dice_with": with_step, "change": change, "verdict": verdict}

@@ -1,7 +1,8 @@
 """The cross-validation report: per-fold and out-of-fold Dice, their spread and confidence, fold balance, verdict.
 
 Reads what the folds wrote (``metrics.json``, ``evaluation/evaluation.json``, ``failed.json``) and writes
-``report.json``, ``report.md`` and three PNG plots into the run folder. Costs no inference, so it can be run at
+``report.json``, ``report.md``, three PNG plots and the page ``report.html`` (custom_components.report) into the run
+folder. Costs no inference, so it can be run at
 any time, also on a run still in progress.
 """
 
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
-from custom_components.kfold.evaluation import DICE_SPACE
+from custom_components.kfold.evaluation import DICE_SPACE, postprocess_effects
 from custom_components.kfold.layout import (
     CASES_FILE,
     ENSEMBLE_TEST_FILE,
@@ -32,10 +34,14 @@ from custom_components.kfold.layout import (
     read_json,
     read_state,
 )
+from custom_components.metrics import EMPTY_POLICY
+from custom_components.metrics import summary as metric_summary
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the confidence interval is reproducible
 WORST_CASES = 5  # the lowest out-of-fold cases named in the verdict section
+METRICS = ("dice", "hd95", "nsd")  # per case and class in the folds' evaluation.json (HD95 in mm)
+METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
 
 
 def spread(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -105,8 +111,11 @@ def _fold_entry(fold: Fold, split: Mapping[str, list[str]], max_epochs: int) -> 
     return entry
 
 
-def _out_of_fold(folds: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Each case scored by the model(s) that did not see it; with repeats, averaged over its repeats."""
+def out_of_fold(folds: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each case scored by the model(s) that did not see it; with repeats, averaged over its repeats.
+
+    ``folds``: ``{"name", "cases"}`` with ``cases`` as a fold's evaluation.json holds them; a metric is given for a
+    case when every fold that scored it has it."""
     scores: dict[str, list[tuple[str, dict]]] = {}
     for fold in folds:
         for case, score in fold.get("cases", {}).items():
@@ -114,14 +123,40 @@ def _out_of_fold(folds: Sequence[Mapping[str, Any]], class_names: Sequence[str])
     result = {}
     for case, entries in sorted(scores.items()):
         means = _scored([score["mean_dice"] for _, score in entries])
-        per_class = {name: _scored([score["dice"][name] for _, score in entries]) for name in class_names}
         result[case] = {
             "folds": [name for name, _ in entries],
             "mean_dice": _mean(means),
-            "dice": {name: _mean(values) for name, values in per_class.items()},
             "repeat_std": float(np.std(means, ddof=1)) if len(means) > 1 else None,
         }
+        for metric in METRICS:
+            if all(score.get(metric) for _, score in entries):
+                result[case][metric] = {
+                    name: _mean(_scored([score[metric][name] for _, score in entries])) for name in class_names
+                }
+        if all("largest_component_dice" in score for _, score in entries):
+            result[case]["largest_component_dice"] = {
+                name: {
+                    way: _mean([score["largest_component_dice"][name][way] for _, score in entries])
+                    for way in ("without", "with")
+                }
+                for name in class_names
+            }
     return result
+
+
+def _postprocessing(oof: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any] | None:
+    """Whether keeping the largest component raises each class's out-of-fold Dice, and the `postprocess` value
+    that follows (the classes where it does), as nnU-Net decides its post-processing; None before any fold."""
+    effects = [
+        torch.tensor([[case["largest_component_dice"][n][w] for w in ("without", "with")] for n in class_names])
+        for case in oof.values()
+        if "largest_component_dice" in case
+    ]
+    if not effects:
+        return None
+    per_class = postprocess_effects(effects, class_names)
+    chosen = [name for name, effect in per_class.items() if effect["verdict"] == "raises"]
+    return {"cases": len(effects), "per_class": per_class, "recommended_postprocess": chosen}
 
 
 def _balance(folds: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str, Any]], state: Mapping) -> list[dict]:
@@ -175,7 +210,7 @@ def build_report(output: Path, cv_threshold: float = 0.1) -> dict[str, Any]:
     layout = fold_layout(output, state["fold_count"], state["split_count"])
     folds = [_fold_entry(fold, splits[fold.index], state["max_epochs"]) for fold in layout]
     finished = [fold for fold in folds if fold["status"] == "finished"]
-    oof = _out_of_fold(finished, class_names)
+    oof = out_of_fold(finished, class_names)
     case_means = _scored([score["mean_dice"] for score in oof.values()])
     summary = {
         "folds_finished": len(finished),
@@ -197,6 +232,11 @@ def build_report(output: Path, cv_threshold: float = 0.1) -> dict[str, Any]:
             "mean": _mean(values),
             "ci95": bootstrap_ci(values),
         }
+    summary["oof_metrics"] = {
+        metric: {name: metric_summary([score[metric][name] for score in oof.values()]) for name in class_names}
+        for metric in METRICS
+        if oof and all(metric in score for score in oof.values())
+    }
     repeats = None
     if state["split_count"] > state["fold_count"]:
         per_repeat = []
@@ -226,6 +266,7 @@ def build_report(output: Path, cv_threshold: float = 0.1) -> dict[str, Any]:
         "repeats": repeats,
         "verdict": _verdict(summary["fold_mean_dice"], cv_threshold, repeats["spread"] if repeats else None),
         "out_of_fold": oof,
+        "postprocessing": _postprocessing(oof, class_names),
         "missing_out_of_fold": sorted({c for s in splits for c in s["val"]} - set(oof)),
         "balance": _balance(folds, cases, state),
         "ensemble": ensemble,
@@ -235,13 +276,17 @@ def build_report(output: Path, cv_threshold: float = 0.1) -> dict[str, Any]:
 
 
 def write_report(output: str | Path, cv_threshold: float = 0.1) -> dict[str, Any]:
-    """Write ``report.json``, ``report.md`` and the plots of the run in ``output``; returns the report."""
+    """Write ``report.json``, ``report.md``, the plots and ``report.html`` of the run in ``output``; returns the
+    report."""
+    from custom_components.report import write_report as write_page  # the page reads report.json: after it
+
     output = Path(output).resolve()
     report = build_report(output, cv_threshold)
     atomic_write_json(report, output / "report.json")
     atomic_write_bytes(output / "report.md", markdown(report).encode())
     for name, figure in plots(report).items():
         atomic_write_bytes(output / name, figure)
+    write_page(output)
     return report
 
 
@@ -300,6 +345,30 @@ def markdown(report: Mapping[str, Any]) -> str:
         "mean over cases of each case's Dice from the model that did not see it; the interval resamples cases.",
         "",
     ]
+    metrics = report["summary"].get("oof_metrics", {})
+    if metrics:
+        lines += ["## Out-of-fold metrics per class", ""]
+        lines += _table(
+            ["metric", "class", "mean", "median", "SD", "cases"],
+            [
+                [METRIC_TITLES[metric], name, *[_number(s[k]) for k in ("mean", "median", "sd")], s["n"]]
+                for metric, per_class in metrics.items()
+                for name, s in per_class.items()
+            ],
+        )
+        lines += ["", f"Empty masks: {EMPTY_POLICY}.", ""]
+    post = report.get("postprocessing")
+    if post:
+        lines += ["## Post-processing: largest connected component", ""]
+        lines += _table(
+            ["class", "out-of-fold Dice without", "with", "change", "verdict"],
+            [
+                [name, _number(e["dice_without"]), _number(e["dice_with"]), f"{e['change']:+.4f}", e["verdict"]]
+                for name, e in post["per_class"].items()
+            ],
+        )
+        chosen = json.dumps(post["recommended_postprocess"])
+        lines += ["", f"Over {post['cases']} out-of-fold cases. Use it: `--postprocess '{chosen}'`.", ""]
     if report["repeats"]:
         per_repeat = ", ".join(_number(v) for v in report["repeats"]["mean_dice_per_repeat"])
         lines += [
@@ -348,11 +417,12 @@ def markdown(report: Mapping[str, Any]) -> str:
             for b in report["balance"]
         ],
     )
-    lines += ["", "Foreground size in mm³ (mm² for 2D images).", "", "## Out-of-fold Dice per case", ""]
+    lines += ["", "Foreground size in mm³ (mm² for 2D images).", "", "## Out-of-fold scores per case", ""]
+    shown = [m for m in METRICS if all(m in s for s in report["out_of_fold"].values())]
     lines += _table(
-        ["case", "fold(s)", "mean", *names],
+        ["case", "fold(s)", "mean Dice", *[f"{METRIC_TITLES[m]} {n}" for m in shown for n in names]],
         [
-            [case, ", ".join(s["folds"]), _number(s["mean_dice"]), *[_number(s["dice"][n]) for n in names]]
+            [case, ", ".join(s["folds"]), _number(s["mean_dice"]), *[_number(s[m][n]) for m in shown for n in names]]
             for case, s in sorted(report["out_of_fold"].items(), key=lambda item: item[1]["mean_dice"] or 0.0)
         ],
     )

@@ -55,7 +55,8 @@ from custom_components.kfold.splits import KFoldError, describe_cases, load_spli
 logger = logging.getLogger(__name__)
 
 # Fold logs are files: no progress-bar redraws in them unless the user asks (--set progress_bar=true).
-FOLD_DEFAULTS = {"progress_bar": False}
+# a fold is scored by its own evaluating step below, and reported in the K-fold folder's report.html
+FOLD_DEFAULTS = {"progress_bar": False, "report": False}
 
 
 @dataclass(frozen=True)
