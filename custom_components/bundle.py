@@ -7,6 +7,7 @@ that MONAI's entry point was given: a bundle runs from any working directory and
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -82,7 +83,7 @@ def bundle_root() -> str:
 def config_file_argument(configs: Sequence[str | Path]) -> str:
     """``--config_file`` as the command line takes it: one path, or a list that MONAI merges in order."""
     paths = [str(path) for path in configs]
-    return paths[0] if len(paths) == 1 else "[" + ",".join(f"'{path}'" for path in paths) + "]"
+    return paths[0] if len(paths) == 1 else json.dumps(paths, separators=(",", ":"))  # fire reads it as a list
 
 
 def bundle_command(run_id: str, configs: Sequence[str | Path], overrides: Mapping[str, object] = ()) -> list[str]:

@@ -8,6 +8,7 @@ interrupted run resumes with its curve, its best score and its ``model.pt`` inta
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -31,10 +32,12 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.data.utils import set_rnd
+from monai.handlers import EarlyStopHandler
 from torch.optim.lr_scheduler import LRScheduler
 
 MODEL_FILE = Path("models") / "model.pt"  # the best weights in a run folder, where the model zoo keeps them
 NO_VALIDATION = "none: trained on every case (num_folds 1)"  # metrics.json's `validation` of such a run
+BUDGET_EPOCHS = 1_000_000  # the trainer's epoch limit under `time_budget_min`: the budget ends the run
 
 
 def unwrap(obj: Any) -> Any:
@@ -216,6 +219,7 @@ class ResumableCheckpoint:
         epoch end, once validation, the report and the schedule step are done, so the file is a whole epoch."""
         if self.save_enabled and not engine.has_event_handler(self.save, Events.EPOCH_COMPLETED):
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+            engine.add_event_handler(Events.TERMINATE, self.save)  # again, with why the run stopped
 
     def _with_engine(self, engine: Engine) -> dict[str, Any]:
         return {**self.objects, "engine": engine}
@@ -239,8 +243,17 @@ class ResumableCheckpoint:
             schedules = {name: obj for name, obj in self.objects.items() if isinstance(obj, LRScheduler)}
         fresh_lr = {name: [group["lr"] for group in obj.optimizer.param_groups] for name, obj in schedules.items()}
         to_load = {name: obj for name, obj in self._with_engine(engine).items() if name not in schedules}
-        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
+        missing = sorted(name for name in to_load if name not in checkpoint)
+        if missing:  # a checkpoint of a version without them: they start fresh
+            engine.logger.warning(f"{self.path} holds no {', '.join(missing)}: they start anew")
+        Checkpoint.load_objects(to_load={k: v for k, v in to_load.items() if k in checkpoint}, checkpoint=checkpoint)
         engine.state.max_epochs = max(max_epochs, engine.state.epoch)
+        report = self.objects.get("report")
+        if getattr(report, "stopped", None) and not schedules:  # it ended (time budget, early stopping): stays so
+            engine.logger.info(f"{self.path}: this run already ended ({report.stopped}); nothing to train")
+            engine.state.max_epochs = engine.state.epoch
+        elif report is not None and schedules:
+            report.stopped = None  # an extension trains on
         for name, schedule in schedules.items():
             # from the rate a new run of this length starts with, stepped once per finished epoch (as
             # LrScheduleHandler steps it), so recursive schedules (cosine, step, poly) land where that run would
@@ -296,15 +309,28 @@ class TrainingReport:
         self._epoch_start = 0.0
         self._last_val_epoch = -1
         self._learning_rate: float | None = None
+        self.stopped: str | None = None  # why the run ended before max_epochs (time budget, early stopping)
+        self.training_time = 0.0  # wall-clock seconds since the trainer started, earlier processes of the run included
+        self._run_start: float | None = None
+        self._time_before = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "best": self.best, "wall_time": self.wall_time, "iterations": self.iterations}
+        return {
+            "history": self.history,
+            "best": self.best,
+            "wall_time": self.wall_time,
+            "iterations": self.iterations,
+            "stopped": self.stopped,
+            "training_time": self.training_time,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history = list(state["history"])
         self.best = dict(state["best"])
         self.wall_time = float(state["wall_time"])
         self.iterations = int(state["iterations"])
+        self.stopped = state.get("stopped")
+        self._time_before = self.training_time = float(state.get("training_time", state["wall_time"]))
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
@@ -312,9 +338,11 @@ class TrainingReport:
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.TERMINATE, self._terminated)
         self.evaluator.add_event_handler(Events.COMPLETED, self._validated)
 
     def _started(self, engine: Engine) -> None:
+        self._run_start = time.perf_counter()
         if not engine.has_event_handler(self._epoch_completed, Events.EPOCH_COMPLETED):
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
 
@@ -357,11 +385,18 @@ class TrainingReport:
         self.history.append(row)
         self.write(engine)
 
+    def _terminated(self, engine: Engine) -> None:
+        """The run stopped before max_epochs: say why in metrics.json (the handler that stopped it set the reason)."""
+        self.stopped = getattr(engine.state, "stop_reason", None) or "terminated before max_epochs"
+        self.write(engine)
+
     def _dice_per_class(self, row: Mapping[str, Any]) -> dict[str, float]:
         return {name: row[f"dice_{name}"] for name in self.class_names if f"dice_{name}" in row}
 
     def write(self, engine: Engine) -> None:
         """Write ``learning_curve.csv``, ``learning_curve.png`` and ``metrics.json`` into ``output_dir``."""
+        if self._run_start is not None:
+            self.training_time = self._time_before + time.perf_counter() - self._run_start
         validated = [row for row in self.history if self.key_metric in row]
         last = validated[-1] if validated else {}
         device = getattr(engine.state, "device", None) or next(self.network.parameters()).device
@@ -376,7 +411,10 @@ class TrainingReport:
             "last_mean_dice": last.get(self.key_metric),
             "last_dice_per_class": self._dice_per_class(last),
             "epochs": self.history[-1]["epoch"] if self.history else 0,
+            "stopped": self.stopped,  # null: it trained max_epochs (or is still training)
+            "final_learning_rate": engine.optimizer.param_groups[0]["lr"] if hasattr(engine, "optimizer") else None,
             "wall_time_s": round(self.wall_time, 3),
+            "training_time_s": round(self.training_time, 3),  # since the trainer started: what time_budget_min limits
             "seconds_per_iteration": round(self.wall_time / max(self.iterations, 1), 4),
             "peak_memory_mb": round(peak_mb, 1),
             "memory_kind": "cuda_allocated" if torch.device(device).type == "cuda" else "process_rss",
@@ -421,6 +459,114 @@ class TrainingReport:
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
         atomic_write_bytes(self.output_dir / "learning_curve.png", buffer.getvalue())
+
+
+class TimeBudget:
+    """``time_budget_min``: train for a wall-clock budget instead of ``max_epochs``, the schedule laid out over it.
+
+    After every epoch (validation included) the speed so far gives the epochs that still fit; the run stops when the
+    next one would not (rounded to the nearest epoch, so it ends within half an epoch of the budget). The learning
+    rate follows the ``schedule_epochs``-long schedule stretched over the planned epochs: after epoch ``k`` of ``E``
+    planned, the schedule stands at step ``round(schedule_epochs * k / E)``, so warm-up and annealing take the same
+    share of the budget and the last epoch ends at the schedule's end (its minimum). The time already trained is in
+    the checkpoint: a resumed run has the rest of the budget. It replaces ``LrScheduleHandler`` while active.
+    """
+
+    def __init__(
+        self,
+        minutes: float | None,
+        lr_scheduler: LRScheduler,
+        schedule_epochs: int,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.budget_s = None if minutes is None else float(minutes) * 60
+        self.lr_scheduler = lr_scheduler
+        self.schedule_epochs = int(schedule_epochs)
+        self.clock = clock
+        self.before_s = 0.0  # trained in earlier processes of this run (from the checkpoint)
+        self.planned: int | None = None
+        self._start: float | None = None
+        self._initial_schedule = copy.deepcopy(lr_scheduler.state_dict())
+        self._initial_lrs = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
+
+    def elapsed(self) -> float:
+        """Seconds of training in this run so far, earlier processes included."""
+        return self.before_s + (0.0 if self._start is None else self.clock() - self._start)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.before_s = float(state["elapsed_s"])
+
+    def attach(self, engine: Engine) -> None:
+        if self.budget_s is not None:
+            engine.add_event_handler(Events.STARTED, self._started)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _started(self, _engine: Engine) -> None:
+        self._start = self.clock()
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        budget, done, elapsed = self.budget_s or 0.0, engine.state.epoch, self.elapsed()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every process decides alike
+            slowest = torch.tensor([elapsed], device=getattr(engine.state, "device", None) or "cpu")
+            torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+            elapsed = float(slowest.item())
+        self.planned = done + max(0, round((budget - elapsed) / (elapsed / done)))
+        self.schedule_to(round(self.schedule_epochs * done / self.planned))
+        if self.planned <= done:
+            engine.state.stop_reason = (
+                f"time budget of {budget / 60:g} min reached: {done} epochs in {elapsed:.1f} s of training"
+            )
+            engine.terminate()
+
+    def schedule_to(self, step: int) -> None:
+        """Put the schedule (and the optimiser's rate) where ``step`` epochs of it lead from its start."""
+        self.lr_scheduler.load_state_dict(copy.deepcopy(self._initial_schedule))
+        for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self._initial_lrs, strict=True):
+            group["lr"] = lr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "step() before optimizer.step()": a replay
+            for _ in range(step):
+                self.lr_scheduler.step()
+
+
+class EarlyStopping:
+    """``early_stop_patience``: MONAI's ``EarlyStopHandler`` on the validator, stopping the trainer this is attached
+    to after ``patience`` validations without a better ``key_metric``; the reason goes into metrics.json. Its counter
+    and best score are in the checkpoint, so a resumed run stops where an uninterrupted one would."""
+
+    def __init__(self, patience: int | None, evaluator: Engine, key_metric: str = "val_mean_dice") -> None:
+        self.patience = patience
+        self.evaluator = evaluator
+        self.key_metric = key_metric
+        self.handler = None
+        if patience is not None:
+            self.handler = EarlyStopHandler(patience, lambda validator: validator.state.metrics[key_metric])
+
+    def attach(self, trainer: Engine) -> None:
+        if self.handler is None:
+            return
+        self.handler.set_trainer(trainer)  # builds ignite's EarlyStopping (MONAI keeps it as `_handler`)
+        self.handler.attach(self.evaluator)
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._reason, trainer)  # after the handler's check
+
+    def _reason(self, _evaluator: Engine, trainer: Engine) -> None:
+        if trainer.should_terminate and not getattr(trainer.state, "stop_reason", None):
+            best = self.handler._handler.best_score if self.handler and self.handler._handler else None
+            trainer.state.stop_reason = (
+                f"early stopping: no better {self.key_metric} in {self.patience} validations (best {best:.4f})"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        inner = self.handler._handler if self.handler is not None else None
+        return dict(inner.state_dict()) if inner is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        inner = self.handler._handler if self.handler is not None else None
+        if inner is not None and state:
+            inner.load_state_dict(state)
 
 
 class ModelError(ValueError):

@@ -420,3 +420,32 @@ def test_kfold_run_on_png_images_with_a_copied_bundle(tmp_path: Path) -> None:
     assert sorted(oof) == [f"case_00{i}" for i in range(6)] and not report["missing_out_of_fold"]
     assert all(np.isfinite(score["mean_dice"]) and len(score["folds"]) == 1 for score in oof.values())
     assert "case_005" in (output / "report.md").read_text()
+
+
+def test_print_commands_gives_one_job_per_fold_and_report_collects_what_ran(
+    cross_validation: SimpleNamespace, tmp_path: Path
+) -> None:
+    """`kfold run --print-commands` writes the splits and prints one shell line per fold for a scheduler; a fold run
+    from its line elsewhere is collected by `kfold report`."""
+    output = tmp_path / "cv"
+    command = [*KFOLD, "run", "--bundle", str(REPO / "bundles/unet3d"), "--dataset_dir", str(cross_validation.dataset)]
+    command += ["--folds", "2", "--output", str(output), "--set", *[f"{k}={v}" for k, v in FOLD_OVERRIDES.items()]]
+    printed = subprocess.run([*command, "--print-commands"], cwd=USER_CWD.name, capture_output=True, text=True)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    jobs = printed.stdout.strip().splitlines()
+    assert len(jobs) == 2 and (output / "splits.json").is_file() and not (output / "fold_0").exists()
+    for index, job in enumerate(jobs):
+        assert "-m monai.bundle run training" in job and "-m monai.bundle run evaluating" in job
+        assert f"--output_dir {output / f'fold_{index}'}" in job and f"--fold {index}" in job
+    assert f"kfold report {output}" in printed.stderr
+    gpus = subprocess.run([*command, "--print-commands", "--nproc_per_node", "4"], capture_output=True, text=True)
+    assert all("&& torchrun --nproc_per_node=4 -m monai.bundle" in line for line in gpus.stdout.splitlines())
+    assert "multi_gpu_train.yaml" in gpus.stdout
+
+    subprocess.run(["bash", "-c", jobs[0]], cwd=tmp_path, check=True, capture_output=True)  # "another machine"
+    assert subprocess.run([*KFOLD, "report", str(output)], cwd=USER_CWD.name, capture_output=True).returncode == 0
+    report = json.loads((output / "report.json").read_text())
+    assert [fold["status"] for fold in report["folds"]] == ["finished", "not finished"]
+    assert sorted(report["out_of_fold"]) == sorted(json.loads((output / "splits.json").read_text())[0]["val"])
+    again = subprocess.run([*command, "--print-commands"], cwd=USER_CWD.name, capture_output=True, text=True)
+    assert again.stdout.strip().splitlines() == [jobs[1]]  # the finished fold is not printed again

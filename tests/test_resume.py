@@ -36,10 +36,13 @@ runlock = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(runlock)
 runlock.lock_run_folder(sys.argv[1])
 import os, time
+ready, started = os.pipe()
 child = os.fork()  # a data-loading worker, forked after the lock: it must not keep the lock after its parent
 if child == 0:
+    os.write(started, b"1")  # running its own code: the fork hooks (which close the lock) have run
     time.sleep(60)
     os._exit(0)
+os.read(ready, 1)
 print("locked", child, flush=True)
 sys.stdin.read()
 """
@@ -164,7 +167,7 @@ class Payload:
 
 def test_checkpoints_are_read_as_tensors_and_plain_values(run3d: Path, tmp_path: Path) -> None:
     state = read_checkpoint(run3d / "models/checkpoint_last.pt")  # what a run writes loads with weights_only
-    assert set(state) == {"network", "optimizer", "lr_scheduler", "report", "engine"}
+    assert set(state) == {"network", "optimizer", "lr_scheduler", "report", "time_budget", "early_stop", "engine"}
     marker = tmp_path / "executed"
     planted = tmp_path / "planted.pt"
     torch.save({"engine": Payload(marker)}, planted)

@@ -11,7 +11,7 @@ from custom_components.imageio import ImageReadError
 from custom_components.kfold.bundle import parse_set
 from custom_components.kfold.ensemble import predict
 from custom_components.kfold.report import write_report
-from custom_components.kfold.runner import run_cv
+from custom_components.kfold.runner import fold_jobs, plan_cv, run_cv
 from custom_components.kfold.splits import KFoldError
 
 
@@ -42,8 +42,19 @@ def _parser() -> argparse.ArgumentParser:
         help="bundle keys for every fold, values read as YAML (channels=[16,32,64] norm=batch amp=false)",
     )
     run.add_argument("--cv_threshold", type=float, default=0.1, help="largest fold-Dice CV called stable (0.1 = 10%%)")
+    run.add_argument(
+        "--print-commands",
+        action="store_true",
+        help="write the splits, then print one shell line per unfinished fold (train, then score) for a scheduler "
+        "instead of running them; `kfold report OUTPUT` collects the folds once they ran",
+    )
+    run.add_argument(
+        "--nproc_per_node", type=int, help="with --print-commands: each fold as a torchrun job of this many GPUs"
+    )
 
-    report = commands.add_parser("report", help="(re)write report.json, report.md and the plots of a run")
+    report = commands.add_parser(
+        "report", help="(re)write report.json, report.md, the plots and report.html of a run, from what its folds wrote"
+    )
     report.add_argument("output", help="the run folder")
     report.add_argument("--cv_threshold", type=float, default=0.1, help="largest fold-Dice CV called stable")
 
@@ -54,25 +65,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plan_options(args: argparse.Namespace) -> dict:
+    """The options of ``kfold run`` that define the cross-validation (custom_components.kfold.runner.plan_cv)."""
+    return {
+        "seed": args.seed,
+        "stratify": args.stratify,
+        "group": args.group,
+        "repeats": args.repeats,
+        "overrides": parse_set(args.set),
+        "splits_file": args.splits_file,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a bad request ends with ``error: ...`` naming the option and the fix, not a traceback."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[kfold] %(levelname)s: %(message)s")
     try:
+        if args.command == "run" and args.print_commands:  # the folds run elsewhere: one line each
+            cv, layout = plan_cv(args.bundle, args.dataset_dir, args.output, args.folds, **_plan_options(args))
+            print("\n".join(fold_jobs(cv, layout, args.nproc_per_node)))
+            print(f"# then: python -m custom_components.kfold report {args.output}", file=sys.stderr)
+            return 0
         if args.command == "run":
             report = run_cv(
                 args.bundle,
                 args.dataset_dir,
                 args.output,
                 args.folds,
-                seed=args.seed,
-                stratify=args.stratify,
-                group=args.group,
-                repeats=args.repeats,
                 parallel=args.parallel,
-                overrides=parse_set(args.set),
-                splits_file=args.splits_file,
                 cv_threshold=args.cv_threshold,
+                **_plan_options(args),
             )
         elif args.command == "report":
             report = write_report(args.output, args.cv_threshold)

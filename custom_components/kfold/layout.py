@@ -69,9 +69,13 @@ def fold_layout(output: Path, folds: int, count: int) -> list[Fold]:
 
 
 def training_finished(path: Path, max_epochs: int) -> bool:
-    """The fold's ``metrics.json`` says it trained ``max_epochs`` epochs."""
+    """The fold's ``metrics.json`` says it trained ``max_epochs`` epochs, or ended before by design (its time budget
+    or early stopping: ``stopped``)."""
     metrics = path / METRICS_FILE
-    return metrics.is_file() and json.loads(metrics.read_text()).get("epochs", 0) >= max_epochs
+    if not metrics.is_file():
+        return False
+    values = json.loads(metrics.read_text())
+    return bool(values.get("stopped")) or values.get("epochs", 0) >= max_epochs
 
 
 def fold_finished(path: Path, max_epochs: int) -> bool:

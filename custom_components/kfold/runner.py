@@ -111,11 +111,23 @@ def fold_overrides(cv: CrossValidation, fold: Fold) -> dict[str, Any]:
     }
 
 
-def training_command(cv: CrossValidation, fold: Fold) -> list[str]:
+def training_command(cv: CrossValidation, fold: Fold, nproc_per_node: int | None = None) -> list[str]:
     """``python -m monai.bundle run training`` of the bundle's train.yaml for ``fold``; every value written so that
-    the bundle receives exactly the value given (a string stays a string)."""
+    the bundle receives exactly the value given (a string stays a string). With ``nproc_per_node``, the same as a
+    ``torchrun`` command with the bundle's multi-GPU overlay (one process per GPU)."""
     overrides = {key: command_line_value(value) for key, value in fold_overrides(cv, fold).items()}
-    return bundle_command("training", [cv.bundle.config("train")], overrides)
+    if nproc_per_node is None:
+        return bundle_command("training", [cv.bundle.config("train")], overrides)
+    configs = [cv.bundle.config("train"), cv.bundle.config("multi_gpu_train")]
+    _python, _module, *bundle_args = bundle_command("training", configs, overrides)  # [python, -m, monai.bundle, ...]
+    return ["torchrun", f"--nproc_per_node={nproc_per_node}", "-m", *bundle_args]
+
+
+def fold_job(cv: CrossValidation, fold: Fold, nproc_per_node: int | None = None) -> str:
+    """One shell line that trains ``fold`` (resuming it if started) and scores it, as ``kfold run`` would: a job for
+    a scheduler on any machine that sees the CV folder; ``kfold report`` then collects what the folds wrote."""
+    train, score = training_command(cv, fold, nproc_per_node), evaluation_command(fold)
+    return f"mkdir -p {shlex.quote(str(fold.path))} && {shlex.join(train)} && {shlex.join(score)}"
 
 
 def evaluation_command(fold: Fold) -> list[str]:
@@ -288,7 +300,7 @@ def prepare(
     return state
 
 
-def run_cv(
+def plan_cv(
     bundle: str | Path,
     dataset_dir: str | Path,
     output: str | Path,
@@ -298,20 +310,11 @@ def run_cv(
     stratify: str = "auto",
     group: str | None = None,
     repeats: int = 1,
-    parallel: int = 1,
     overrides: Mapping[str, Any] | None = None,
     splits_file: str | Path | None = None,
-    cv_threshold: float = 0.1,
-) -> dict[str, Any]:
-    """Cross-validate a bundle on a dataset: splits, every fold trained and scored, the ensemble, the report.
-
-    ``overrides`` are bundle keys for every fold, values as :func:`custom_components.bundle.parse_key_values` reads
-    ``--set`` (``{"channels": [16, 32, 64], "norm": "batch"}``). Returns the report (also written as
-    ``report.json`` / ``report.md``); its ``failed`` list names the folds that did not finish. Starting it again on
-    the same ``output`` with the same options resumes it.
-    """
-    if parallel < 1:
-        raise KFoldError(f"--parallel {parallel}: run at least one fold at a time")
+) -> tuple[CrossValidation, list[Fold]]:
+    """Check the ``--set`` keys, the dataset and the request, write kfold.json, cases.json and splits.json (a folder
+    started before keeps them), and return what every fold gets with the folds' layout; nothing is trained."""
     found = Bundle.find(bundle)
     output, dataset_dir = Path(output).resolve(), Path(dataset_dir).resolve()
     overrides = dict(overrides or {})
@@ -331,8 +334,36 @@ def run_cv(
         Path(splits_file).resolve() if splits_file else None,
     )
     cv = CrossValidation(found, dataset_dir, output, seed, overrides, state["max_epochs"])
-    layout = fold_layout(output, state["fold_count"], state["split_count"])
+    return cv, fold_layout(output, state["fold_count"], state["split_count"])
+
+
+def fold_jobs(cv: CrossValidation, layout: Sequence[Fold], nproc_per_node: int | None = None) -> list[str]:
+    """The shell line (:func:`fold_job`) of every fold not finished yet: ``kfold run --print-commands``."""
+    return [fold_job(cv, fold, nproc_per_node) for fold in layout if not fold_finished(fold.path, cv.max_epochs)]
+
+
+def run_cv(
+    bundle: str | Path,
+    dataset_dir: str | Path,
+    output: str | Path,
+    folds: int | None = None,
+    *,
+    parallel: int = 1,
+    cv_threshold: float = 0.1,
+    **options: Any,
+) -> dict[str, Any]:
+    """Cross-validate a bundle on a dataset: splits, every fold trained and scored, the ensemble, the report.
+
+    ``options`` are those of :func:`plan_cv` (``seed``, ``stratify``, ``group``, ``repeats``, ``overrides``,
+    ``splits_file``); ``overrides`` are bundle keys for every fold, values as
+    :func:`custom_components.bundle.parse_key_values` reads ``--set`` (``{"channels": [16, 32, 64], "norm":
+    "batch"}``). Returns the report (also written as ``report.json`` / ``report.md``); its ``failed`` list names
+    the folds that did not finish. Starting it again on the same ``output`` with the same options resumes it.
+    """
+    if parallel < 1:
+        raise KFoldError(f"--parallel {parallel}: run at least one fold at a time")
+    cv, layout = plan_cv(bundle, dataset_dir, output, folds, **options)
     failures = run_folds(cv, layout, parallel)
     if len(failures) < len(layout):
-        score_test_cases(output)
-    return write_report(output, cv_threshold)
+        score_test_cases(cv.output)
+    return write_report(cv.output, cv_threshold)
