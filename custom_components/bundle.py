@@ -13,7 +13,7 @@ import numbers
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -194,3 +194,20 @@ def _literal(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_literal(item) for item in value) + "]"
     raise KeyValueError(f"{value!r} ({type(value).__name__}) cannot be passed on the command line")
+
+
+def changed_options(
+    previous: Mapping[str, Any],
+    now: Mapping[str, Any],
+    keys: Iterable[str],
+    describe: Callable[[str, Any], str],
+    label: Callable[[str], str] = lambda key: "",
+) -> list[str]:
+    """``label(key)describe(key, recorded) (now describe(key, given))`` for each of ``keys`` whose value a run folder
+    or study recorded differs from the one given now: what a resumed ``kfold run`` or ``sweep run`` names when it
+    refuses to go on."""
+    return [
+        f"{label(key)}{describe(key, previous.get(key))} (now {describe(key, now[key])})"
+        for key in keys
+        if previous.get(key) != now[key]
+    ]

@@ -1,4 +1,4 @@
-"""One self-contained report page, ``report.html``, of a training run folder or a K-fold output folder.
+"""One self-contained report page, ``report.html``, of a training run folder, a K-fold output folder or a sweep.
 
     python -m custom_components.report RUN_DIR [--output FILE]
 
@@ -40,6 +40,7 @@ from custom_components.metrics import summary
 from custom_components.run_bundle import WIRING, flow
 
 REPORT_FILE = "report.html"
+SWEEP_REPORT = "sweep_report.json"  # what `python -m custom_components.sweep report` writes into a sweep folder
 TRAIN_CONFIG = Path("configs") / "train.yaml"
 METADATA_FILE = Path("configs") / "metadata.json"
 PREDICTIONS_DIR = Path("evaluation") / "predictions"
@@ -74,6 +75,8 @@ class Source:
     notes: list[str] = field(default_factory=list)  # missing pieces, said at the top of the page
     folds: list[list[Any]] = field(default_factory=list)  # K-fold: name, cases scored, epochs, best epoch, mean Dice
     best_epoch: int | None = None
+    trials: list[list[Any]] = field(default_factory=list)  # sweep: rank, trial, state, Dice, settings, time, note
+    figures: list[tuple[str, bytes]] = field(default_factory=list)  # sweep: Optuna's plots (name, PNG)
 
 
 def _read_json(path: Path) -> Any:
@@ -232,6 +235,7 @@ def read_run(run: Path) -> Source:
         ("model", metadata.get("name")),
         ("data", metadata.get("data_source")),
         ("epochs trained", metrics.get("epochs")),
+        ("stopped", metrics.get("stopped")),  # why a run ended before max_epochs (time budget, early stopping)
         ("best epoch", metrics.get("best_epoch")),
         ("best validation mean Dice", _shown(metrics.get("best_mean_dice"))),
         ("validation", metrics.get("validation")),
@@ -347,21 +351,75 @@ def read_kfold(output: Path) -> Source:
     )
 
 
+def read_sweep(output: Path) -> Source:
+    """A sweep folder: its ranked trials and Optuna's plots (``sweep_report.json``, data only), each trial's curve,
+    and the best trial's own run (its evaluation, cases and settings)."""
+    report = _read_json(output / SWEEP_REPORT)
+    trials = report.get("trials") or []
+    best = report.get("best") or {}
+    folder = Path(best["folder"]) if best.get("folder") else None
+    if folder is not None and (folder / TRAIN_CONFIG).is_file() and (folder / "metrics.json").is_file():
+        source = read_run(folder)
+        source.headline_note = f"the best trial ({best['trial']}): " + source.headline_note
+    else:
+        source = Source(
+            kind="",
+            folder=output,
+            class_names=[],
+            overview=[],
+            curves={},
+            cases={},
+            summary={},
+            mean_dice=None,
+            headline={},
+            headline_note="",
+            settings=[],
+            metadata={},
+            notes=["no trial has finished yet"],
+        )
+    source.kind, source.folder = "hyperparameter sweep", output
+    source.overview = [
+        ("folder", str(output)),
+        ("study", f"{report.get('study')} in {report.get('storage')}"),
+        ("score of a trial", report.get("score")),
+        ("trials", ", ".join(f"{count} {state}" for state, count in (report.get("counts") or {}).items())),
+        ("best trial", f"{best.get('trial')}: {_shown(best.get('value'))} ({best.get('folder')})" if best else None),
+        ("best settings as a config overlay", report.get("best_config")),
+    ]
+    source.overview = [(what, value) for what, value in source.overview if value is not None]
+    source.curves = {f"trial {row['trial']}": read_curve(Path(row["folder"])) for row in trials if row.get("folder")}
+    source.trials = [
+        [row.get(key) for key in ("rank", "trial", "state", "value")]
+        + [flow(row.get("settings") or {}), row.get("duration_s"), row.get("note")]
+        for row in trials
+    ]
+    source.figures = [
+        (name, (output / name).read_bytes()) for name in report.get("plots") or [] if (output / name).is_file()
+    ]
+    importance = report.get("importance")
+    if importance:
+        source.overview.append(("importance", ", ".join(f"{key} {value:.2f}" for key, value in importance.items())))
+    return source
+
+
 def read_source(folder: str | Path) -> Source:
     """The folder read as what it is: a K-fold output folder or a training run folder; anything else an error."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise ReportError(
-            f"{folder} does not exist: pass a training run folder (configs/train.yaml and metrics.json) or a K-fold "
-            f"output folder ({STATE_FILE} and {SPLITS_FILE})"
+            f"{folder} does not exist: pass a training run folder (configs/train.yaml and metrics.json), a K-fold "
+            f"output folder ({STATE_FILE} and {SPLITS_FILE}) or a sweep folder ({SWEEP_REPORT})"
         )
+    if (folder / SWEEP_REPORT).is_file():
+        return read_sweep(folder)
     if (folder / STATE_FILE).is_file() and (folder / SPLITS_FILE).is_file():
         return read_kfold(folder)
     if (folder / TRAIN_CONFIG).is_file() and (folder / "metrics.json").is_file():
         return read_run(folder)
     raise ReportError(
-        f"{folder} is neither a training run folder (configs/train.yaml and metrics.json) nor a K-fold output "
-        f"folder ({STATE_FILE} and {SPLITS_FILE})"
+        f"{folder} is neither a training run folder (configs/train.yaml and metrics.json), a K-fold output "
+        f"folder ({STATE_FILE} and {SPLITS_FILE}) nor a sweep folder ({SWEEP_REPORT}: `python -m "
+        "custom_components.sweep report` writes it)"
     )
 
 
@@ -800,10 +858,19 @@ def curves_section(source: Source) -> str:
     return _image(plot_curves(source), f"learning curves. {caption}") + f"<p>{_e(caption)}</p>"
 
 
+def trials_section(source: Source) -> str:
+    """A sweep's trials, ranked and sortable, and Optuna's plots."""
+    columns = [("rank", 0), ("trial", 0), ("state", None), ("Dice", 3), ("settings", None), ("time [s]", 1)]
+    body = _table([*columns, ("note", None)], source.trials, sortable=True)
+    return body + "".join(_image(png, name.removesuffix(".png").replace("_", " ")) for name, png in source.figures)
+
+
 def render(source: Source) -> str:
     """The whole page as HTML text: every value escaped, every image embedded, no outside reference."""
+    trials = [("trials", "Trials", trials_section(source))] if source.trials else []
     sections = [
         ("overview", "Overview", overview_section(source)),
+        *trials,
         ("headline", "Headline numbers", headline_section(source)),
         ("curves", "Learning curves", curves_section(source)),
         ("per-class", "Per-class metrics", per_class_section(source)),
@@ -835,7 +902,7 @@ def render(source: Source) -> str:
 
 
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Write the report page of ``run_dir`` (a training run or K-fold folder) to ``output`` (default
+    """Write the report page of ``run_dir`` (a training run, K-fold or sweep folder) to ``output`` (default
     ``RUN_DIR/report.html``) atomically, and return its path. Raises :class:`ReportError` for any other folder."""
     source = read_source(run_dir)
     path = Path(output) if output is not None else source.folder / REPORT_FILE
@@ -846,7 +913,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: write the page and print its path; a folder of another kind is one line of error."""
     parser = argparse.ArgumentParser(prog="python -m custom_components.report", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", help="a training run folder or a K-fold output folder")
+    parser.add_argument("run_dir", help="a training run folder, a K-fold output folder or a sweep folder")
     parser.add_argument("--output", help=f"where to write the page (default RUN_DIR/{REPORT_FILE})")
     args = parser.parse_args(argv)
     try:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from custom_components import settings
-from custom_components.bundle import bundle_command, command_line_value
+from custom_components.bundle import bundle_command, changed_options, command_line_value
 from custom_components.data import check_datalist, load_dataset_json
 from custom_components.handlers import atomic_write_json
 from custom_components.kfold.bundle import Bundle
@@ -215,11 +215,7 @@ def _check_identity(path: Path, state: Mapping[str, Any]) -> None:
             return "--set " + (" ".join(f"{k}={json.dumps(v)}" for k, v in (value or {}).items()) or "(none)")
         return f"--{key} {value}" if value is not None else f"--{key} not given"
 
-    changed = [
-        f"{option(key, previous.get(key))} (now {option(key, state[key])})"
-        for key in IDENTITY
-        if previous.get(key) != state[key]
-    ]
+    changed = changed_options(previous, state, IDENTITY, option)
     if changed:
         raise KFoldError(
             f"{path.parent} was started with other options: {', '.join(changed)}. Pass the same options to resume "

@@ -1,0 +1,223 @@
+"""``python -m custom_components.sweep``: a real sweep of the 3D bundle on tiny data, shared by two processes, one
+of them killed and started again; its report and best.yaml; bad options; pruning of a running trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from monai.bundle import ConfigParser
+
+from custom_components.sweep.__main__ import main
+from custom_components.sweep.space import parse_space
+from custom_components.sweep.study import room_for_trial, surplus
+from custom_components.sweep.trial import watch
+from tests.conftest import REPO, SMALL_3D, USER_CWD
+
+TRIALS = 3
+SPACES = ["learning_rate=loguniform:1e-4:1e-2", "dropout=uniform:0:0.3"]
+FIXED = {**{k: v for k, v in SMALL_3D.items() if k != "learning_rate"}, "max_epochs": "2", "val_interval": "1"}
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def sweep_command(dataset: Path, output: Path, *extra: str) -> list[str]:
+    """The user's ``sweep run`` of the 3D bundle: two searched keys, the tiny-training keys fixed."""
+    return [
+        *(sys.executable, "-m", "custom_components.sweep", "run", "--bundle", str(REPO / "bundles" / "unet3d")),
+        *("--dataset_dir", str(dataset), "--output", str(output), "--trials", str(TRIALS)),
+        *("--space", *SPACES, "--set", *(f"{key}={value}" for key, value in FIXED.items())),
+        *extra,
+    ]
+
+
+@dataclass
+class SharedSweep:
+    output: Path
+    logs: dict[str, str]  # process -> its console output
+    returncodes: dict[str, int]
+    kept: dict[int, tuple[bytes, int]]  # trial COMPLETE when A was killed -> its metrics.json (bytes, mtime)
+    study: optuna.Study
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    """The command in a process group of its own (so that killing it kills its training too)."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            command, cwd=USER_CWD.name, stdout=handle, stderr=subprocess.STDOUT, env=ENV, start_new_session=True
+        )
+
+
+@pytest.fixture(scope="module")
+def shared(dataset3d: Path, tmp_path_factory: pytest.TempPathFactory) -> SharedSweep:
+    """Processes A and B start the same sweep on one SQLite study; A is killed (its whole process group) once a
+    trial has finished and started again as A2; B and A2 complete the study."""
+    output = tmp_path_factory.mktemp("sweep") / "out"
+    logs = {name: output.parent / f"{name}.log" for name in ("A", "B", "A2")}
+    command = sweep_command(dataset3d, output)
+    a, b = start(command, logs["A"]), start(command, logs["B"])
+    deadline = time.monotonic() + 300
+    while not any("finished, Dice" in logs[name].read_text() for name in ("A", "B")):
+        assert time.monotonic() < deadline and b.poll() is None, logs["B"].read_text()[-3000:]
+        time.sleep(0.5)
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait()
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{output / 'study.db'}")
+    kept = {}
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        metrics = output / trial.user_attrs["folder"] / "metrics.json"
+        kept[trial.number] = (metrics.read_bytes(), metrics.stat().st_mtime_ns)
+    a2 = start(command, logs["A2"])
+    returncodes = {"A": a.returncode, "B": b.wait(timeout=300), "A2": a2.wait(timeout=300)}
+    texts = {name: log.read_text() for name, log in logs.items()}
+    return SharedSweep(output, texts, returncodes, kept, study)
+
+
+def test_killed_sweep_resumes_without_redoing_finished_trials(shared: SharedSweep) -> None:
+    assert shared.returncodes["B"] == 0 and shared.returncodes["A2"] == 0, shared.logs
+    assert shared.kept, "a trial had finished when A was killed"
+    trials = {trial.number: trial for trial in shared.study.get_trials()}
+    states = [trial.state for trial in trials.values()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == TRIALS
+    # the trial A was running when killed is marked FAIL (its heartbeat stopped), never left RUNNING
+    assert set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL}
+    for number, (content, mtime) in shared.kept.items():
+        metrics = shared.output / f"trial_{number:03d}" / "metrics.json"
+        assert trials[number].state == optuna.trial.TrialState.COMPLETE
+        assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == (content, mtime)
+
+
+def test_processes_share_the_study(shared: SharedSweep) -> None:
+    started = [int(n) for log in shared.logs.values() for n in re.findall(r"trial (\d+): started", log)]
+    numbers = sorted(trial.number for trial in shared.study.get_trials())
+    assert sorted(started) == numbers  # every trial run once, by one process
+    assert re.search(r"trial \d+: started", shared.logs["A"]) and re.search(r"trial \d+: started", shared.logs["B"])
+    folders = sorted(path.name for path in shared.output.glob("trial_*"))
+    assert folders == [f"trial_{number:03d}" for number in numbers]
+    for folder in folders:  # each trained once: one command in its log
+        assert (shared.output / folder / "trial.log").read_text().count("=== ") == 1
+
+
+def test_report_ranks_trials_and_writes_best_settings(shared: SharedSweep, capsys: pytest.CaptureFixture) -> None:
+    assert main(["report", str(shared.output)]) == 0  # `sweep report OUT`, as sweep run wrote it at its end
+    assert "best: trial" in capsys.readouterr().out
+    report = json.loads((shared.output / "sweep_report.json").read_text())
+    ranked = [row for row in report["trials"] if row["rank"] is not None]
+    assert [row["rank"] for row in ranked] == [1, 2, 3]
+    assert [row["value"] for row in ranked] == sorted((row["value"] for row in ranked), reverse=True)
+    for row in ranked:
+        assert row["value"] == json.loads((Path(row["folder"]) / "metrics.json").read_text())["best_mean_dice"]
+    best = report["best"]
+    assert best == ranked[0] and best["trial"] == shared.study.best_trial.number
+    assert set(report["importance"]) == {"learning_rate", "dropout"}
+    for name in ("optimization_history.png", "parallel_coordinate.png", "param_importances.png"):
+        assert (shared.output / name).read_bytes()[:8] == PNG
+    assert f"| 1 | {best['trial']} | complete |" in (shared.output / "sweep_report.md").read_text()
+    overlay = yaml.safe_load((shared.output / "best.yaml").read_text())
+    assert overlay["learning_rate"] == best["settings"]["learning_rate"]
+    assert overlay["dropout"] == best["settings"]["dropout"]
+    assert overlay["patch_size"] == [32, 32, 16] and overlay["max_epochs"] == 2
+    # MONAI merges best.yaml over train.yaml (as --config_file "['train.yaml','best.yaml']" does)
+    merged = ConfigParser.load_config_files([REPO / "bundles/unet3d/configs/train.yaml", shared.output / "best.yaml"])
+    assert merged["learning_rate"] == best["settings"]["learning_rate"] and merged["channels"] == [16, 32, 64]
+
+
+def test_the_report_page_of_a_sweep_ranks_its_trials(shared: SharedSweep) -> None:
+    """`python -m custom_components.report OUT` on a sweep folder: the trials ranked and sortable, Optuna's plots,
+    every trial's curve, and the best trial's own run."""
+    main(["report", str(shared.output)])
+    command = [sys.executable, "-m", "custom_components.report", str(shared.output)]
+    subprocess.run(command, cwd=USER_CWD.name, check=True, capture_output=True)
+    text = (shared.output / "report.html").read_text()
+    assert "hyperparameter sweep" in text and ">Trials</h2>" in text and "https://" not in text
+    best = json.loads((shared.output / "sweep_report.json").read_text())["best"]
+    assert f"the best trial ({best['trial']})" in text
+    assert text.count("data:image/png;base64,") >= 4  # the curves of every trial and Optuna's three plots
+    assert 'class="sortable"' in text  # the trials (the trials ran with report=False: no cases of the best one)
+
+
+def refused(command: list[str]) -> str:
+    """The ``error: ...`` that ``sweep run`` exits with, run in this process (no training starts)."""
+    handler = signal.getsignal(signal.SIGTERM)  # `sweep run` turns SIGTERM into an interrupt: restore pytest's
+    try:
+        with pytest.raises(SystemExit) as exit:
+            main(command[command.index("run") :])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return str(exit.value.code)
+
+
+def test_restart_with_other_options_is_refused(shared: SharedSweep, dataset3d: Path) -> None:
+    command = sweep_command(dataset3d, shared.output)
+    command[command.index("dropout=uniform:0:0.3")] = "dropout=uniform:0:0.5"
+    message = refused(command)
+    assert (
+        "was started with other options: --space learning_rate=loguniform:0.0001:0.01 dropout=uniform:0.0:0.3 "
+        in message
+    )
+    assert "(now learning_rate=loguniform:0.0001:0.01 dropout=uniform:0.0:0.5)" in message
+
+
+def test_bad_options_are_all_reported_before_any_trial(dataset3d: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    command = sweep_command(
+        dataset3d,
+        output,
+        *("--space", "lr=gauss:1:2", "patch_size=choice:[64,64,64],[96,96", "norm=choice:batch,nope"),
+        *("--space", "dropout=uniform:0.3:0", "weight_decay=loguniform:0:1e-2"),
+        *("--set", "max_epoch=3", "output_dir=elsewhere"),
+    )
+    message = refused(command)
+    for argument in (
+        "--space lr=gauss:1:2: unknown distribution 'gauss'",
+        "--space patch_size=choice:[64,64,64],[96,96: ",
+        '--space norm=choice:batch,nope: norm = "nope"',
+        "--space dropout=uniform:0.3:0: LOW must be below HIGH",
+        "--space weight_decay=loguniform:0:1e-2: loguniform needs LOW > 0",
+        "--set max_epoch=3: max_epoch = 3: not a key of this bundle; did you mean `max_epochs`?",
+        "--set output_dir: the sweep sets it for every trial; use --output",
+    ):
+        assert argument in message, message
+    assert message.startswith("error: 7 problems") and not output.exists()
+
+
+def test_choices_are_yaml_values_stored_as_text() -> None:
+    space = parse_space("patch_size=choice:[64,64,64],[96,96,96]")
+    assert space.choices == ([64, 64, 64], [96, 96, 96]) and space.options == ["[64, 64, 64]", "[96, 96, 96]"]
+    assert parse_space("optimizer=choice:adamw,sgd").choices == ("adamw", "sgd")
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler({"patch_size": space.options}))
+    assert sorted(space.suggest(study.ask()) for _ in range(2)) == [[64, 64, 64], [96, 96, 96]]
+
+
+def test_unpromising_trial_is_stopped_at_its_validation(tmp_path: Path) -> None:
+    """The median of earlier trials at epoch 2 is 0.9: a run validating 0.1 there is pruned and its process
+    ended (the epoch without validation is skipped)."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    done = optuna.trial.create_trial(value=0.9, intermediate_values={1: 0.8, 2: 0.9}, params={}, distributions={})
+    study.add_trial(done)
+    curve = tmp_path / "learning_curve.csv"
+    script = f"import time; open({str(curve)!r}, 'w').write('epoch,val_mean_dice\\n1,\\n2,0.1\\n'); time.sleep(300)"
+    process = subprocess.Popen([sys.executable, "-c", script])
+    started = time.monotonic()
+    assert watch(process, study.ask(), curve) == (2, 0.1)
+    assert process.poll() is not None and time.monotonic() - started < 60
+
+
+def test_trials_are_counted_over_the_study() -> None:
+    """COMPLETE and PRUNED trials count towards --trials; a running one (in any process) holds a place."""
+    study = optuna.create_study(direction="maximize")
+    for state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+        study.add_trial(optuna.trial.create_trial(state=state, value=0.5 if state.name == "COMPLETE" else None))
+    running = study.ask()
+    assert not room_for_trial(study, 2) and room_for_trial(study, 4)
+    assert surplus(study, running.number, 2) and not surplus(study, running.number, 3)
