@@ -98,13 +98,15 @@ def _plots(study: optuna.Study, output: Path, importance: bool) -> list[str]:
             s, evaluator=PedAnovaImportanceEvaluator()
         )
     for name, plot in chosen.items():
-        with warnings.catch_warnings():
+        # Optuna sets its own style (plt.style.use) for good: restore the process's own afterwards, or every later
+        # figure of this process (learning curves, report.html) would be drawn in Optuna's
+        with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore")  # the plots are "experimental"; few trials warn too
             axes = plot(study)
-        figure = axes.figure
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-        plt.close(figure)
+            figure = axes.figure
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+            plt.close(figure)
         atomic_write_bytes(output / name, buffer.getvalue())
     return list(chosen)
 
