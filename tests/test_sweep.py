@@ -22,7 +22,7 @@ from custom_components.sweep.__main__ import main
 from custom_components.sweep.space import parse_space
 from custom_components.sweep.study import room_for_trial, surplus
 from custom_components.sweep.trial import watch
-from tests.conftest import REPO, SMALL_3D, USER_CWD
+from tests.conftest import REPO, SMALL_3D, USER_CWD, run_bundle
 
 TRIALS = 3
 SPACES = ["learning_rate=loguniform:1e-4:1e-2", "dropout=uniform:0:0.3"]
@@ -130,6 +130,18 @@ def test_report_ranks_trials_and_writes_best_settings(shared: SharedSweep, capsy
     # MONAI merges best.yaml over train.yaml (as --config_file "['train.yaml','best.yaml']" does)
     merged = ConfigParser.load_config_files([REPO / "bundles/unet3d/configs/train.yaml", shared.output / "best.yaml"])
     assert merged["learning_rate"] == best["settings"]["learning_rate"] and merged["channels"] == [16, 32, 64]
+
+
+def test_the_final_model_trains_with_best_yaml_over_the_bundle(shared: SharedSweep, dataset3d: Path) -> None:
+    """The README's final training: --config_file "['train.yaml','best.yaml']" trains what the best trial trained."""
+    best = json.loads((shared.output / "sweep_report.json").read_text())["best"]
+    final = shared.output / "final"
+    configs = ["bundles/unet3d/configs/train.yaml", shared.output / "best.yaml"]
+    run_bundle(configs, {"dataset_dir": dataset3d, "output_dir": final})
+    trained = yaml.safe_load((final / "configs" / "train.yaml").read_text().split("# Wiring:")[0])
+    assert trained["learning_rate"] == pytest.approx(best["settings"]["learning_rate"])
+    assert trained["dropout"] == pytest.approx(best["settings"]["dropout"])
+    assert json.loads((final / "metrics.json").read_text())["best_mean_dice"] == pytest.approx(best["value"])
 
 
 def test_the_report_page_of_a_sweep_ranks_its_trials(shared: SharedSweep) -> None:
