@@ -99,13 +99,15 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(shared: SharedSwee
 
 def test_processes_share_the_study(shared: SharedSweep) -> None:
     started = [int(n) for log in shared.logs.values() for n in re.findall(r"trial (\d+): started", log)]
-    numbers = sorted(trial.number for trial in shared.study.get_trials())
-    assert sorted(started) == numbers  # every trial run once, by one process
+    trials = {trial.number: trial for trial in shared.study.get_trials()}
+    assert len(started) == len(set(started)) and set(started) <= set(trials)  # no trial run twice
+    for number, trial in trials.items():  # one the killed process created but had not started yet: failed, not run
+        assert number in started or trial.state == optuna.trial.TrialState.FAIL, number
     assert re.search(r"trial \d+: started", shared.logs["A"]) and re.search(r"trial \d+: started", shared.logs["B"])
     folders = sorted(path.name for path in shared.output.glob("trial_*"))
-    assert folders == [f"trial_{number:03d}" for number in numbers]
-    for folder in folders:  # each trained once: one command in its log
-        assert (shared.output / folder / "trial.log").read_text().count("=== ") == 1
+    assert set(folders) >= {f"trial_{number:03d}" for number in started} and len(folders) <= len(trials)
+    for number in started:  # each trained once: one command in its log
+        assert (shared.output / f"trial_{number:03d}" / "trial.log").read_text().count("=== ") == 1
 
 
 def test_report_ranks_trials_and_writes_best_settings(shared: SharedSweep, capsys: pytest.CaptureFixture) -> None:
