@@ -45,10 +45,9 @@ import torch
 from monai.bundle import ConfigParser
 
 from custom_components.handlers import MODEL_FILE, ModelError, atomic_write_bytes, load_weights
+from custom_components.kfold.layout import INFERENCE_CONFIG, METADATA_FILE
 from custom_components.run_bundle import divisor
 
-INFERENCE_CONFIG = Path("configs") / "inference.yaml"
-METADATA_FILE = Path("configs") / "metadata.json"
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}  # format -> default file name in RUN/models
 ATOL = 1e-4  # the check's tolerance: |exported - pytorch| <= ATOL + RTOL * |pytorch| at every voxel
 RTOL = 1e-4

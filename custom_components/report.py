@@ -34,7 +34,15 @@ import yaml
 from custom_components.data import case_id, voxel_sizes
 from custom_components.handlers import atomic_write_bytes
 from custom_components.imageio import ImageReadError, read_image
-from custom_components.kfold.layout import EVALUATION_FILE, IDENTITY, SPLITS_FILE, STATE_FILE, fold_layout
+from custom_components.kfold.layout import (
+    EVALUATION_FILE,
+    IDENTITY,
+    METADATA_FILE,
+    PREDICTIONS_DIR,
+    SPLITS_FILE,
+    STATE_FILE,
+    fold_layout,
+)
 from custom_components.kfold.report import out_of_fold
 from custom_components.metrics import summary
 from custom_components.run_bundle import WIRING, flow
@@ -42,8 +50,6 @@ from custom_components.run_bundle import WIRING, flow
 REPORT_FILE = "report.html"
 SWEEP_REPORT = "sweep_report.json"  # what `python -m custom_components.sweep report` writes into a sweep folder
 TRAIN_CONFIG = Path("configs") / "train.yaml"
-METADATA_FILE = Path("configs") / "metadata.json"
-PREDICTIONS_DIR = Path("evaluation") / "predictions"
 # the per-case metrics an evaluation may hold: key, name on the page, digits shown
 METRICS = (("dice", "Dice", 3), ("hd95", "HD95 [mm]", 2), ("nsd", "NSD", 3))
 PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # the voxel axis each plane cuts across (RAS order)

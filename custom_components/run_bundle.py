@@ -295,12 +295,12 @@ python -m monai.bundle run training --config_file {run}/configs/train.yaml
 
 # --- the end of a training run: its best model scored, and the report page ------------------------------------------
 
-EVALUATION_DIR = "evaluation"  # where the run's own evaluate.yaml writes, as `kfold` has it for every fold
-
 
 def evaluate_run(run: str | Path) -> Path:
     """Score the run's best model on its validation cases with its own ``configs/evaluate.yaml``, in this process:
     ``evaluation/evaluation.json`` (Dice, HD95, NSD per case) and the predicted label maps for report.html."""
+    from custom_components.kfold.layout import EVALUATION_DIR, EVALUATION_FILE  # the layout kfold gives its folds
+
     run = Path(run)
     workflow = ConfigWorkflow(
         config_file=str(run / "configs" / "evaluate.yaml"),
@@ -311,7 +311,7 @@ def evaluate_run(run: str | Path) -> Path:
     workflow.initialize()
     workflow.run()
     workflow.finalize()
-    return run / EVALUATION_DIR / "evaluation.json"
+    return run / EVALUATION_FILE
 
 
 class RunReport:

@@ -23,6 +23,8 @@ METRICS_FILE = "metrics.json"  # in a fold folder: written by training (epochs t
 EVALUATION_DIR = "evaluation"  # in a fold folder: where its own configs/evaluate.yaml writes the scores
 EVALUATION_FILE = Path(EVALUATION_DIR) / "evaluation.json"
 INFERENCE_CONFIG = Path("configs") / "inference.yaml"  # in a fold folder: the fold's model as a bundle predicts
+METADATA_FILE = Path("configs") / "metadata.json"  # in a run folder: its model's inputs, outputs and labels
+PREDICTIONS_DIR = Path(EVALUATION_DIR) / "predictions"  # in a run folder: the scored cases' label maps
 EVALUATE_CONFIG = Path("configs") / "evaluate.yaml"  # in a fold folder: the fold's model scored on its val cases
 ENSEMBLE_TEST_FILE = Path("ensemble") / "test_dice.json"  # the fold ensemble scored on dataset.json's test cases
 # The options that define a run: starting it again with other values would mix folds of two experiments.
