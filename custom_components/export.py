@@ -46,6 +46,7 @@ from monai.bundle import ConfigParser
 
 from custom_components.handlers import MODEL_FILE, ModelError, atomic_write_bytes, load_weights
 from custom_components.kfold.layout import INFERENCE_CONFIG, METADATA_FILE
+from custom_components.networks import without_deep_supervision
 from custom_components.run_bundle import divisor
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}  # format -> default file name in RUN/models
@@ -143,7 +144,7 @@ def load_run(run: str | Path) -> RunModel:
         load_weights(network, run / MODEL_FILE)
     except ModelError as err:
         raise ExportError(str(err)) from err
-    network.eval()
+    network = without_deep_supervision(network.eval())
     metadata, in_channels = {}, network_in_channels
     if (run / METADATA_FILE).is_file():
         try:

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -37,6 +38,9 @@ from torch.optim.lr_scheduler import LRScheduler
 
 MODEL_FILE = Path("models") / "model.pt"  # the best weights in a run folder, where the model zoo keeps them
 NO_VALIDATION = "none: trained on every case (num_folds 1)"  # metrics.json's `validation` of such a run
+# learning_curve.png is drawn after each validation, at the end, and otherwise at most this often: drawing costs
+# about 0.25 s, more than a whole epoch of a small model
+PLOT_INTERVAL_S = 30.0
 BUDGET_EPOCHS = 1_000_000  # the trainer's epoch limit under `time_budget_min`: the budget ends the run
 
 
@@ -272,7 +276,8 @@ class ResumableCheckpoint:
 
 
 class TrainingReport:
-    """Learning curve (CSV and PNG), ``metrics.json`` and the best weights ``models/model.pt``, written every epoch.
+    """Learning curve (CSV and PNG), ``metrics.json`` and the best weights ``models/model.pt``, written every epoch
+    (the PNG after validations, at the end and every ``PLOT_INTERVAL_S`` seconds in between).
 
     Its epoch-end step is registered when the run starts, after every handler was attached, so it reads this
     epoch's validation whatever its place in the handler list. Its ``state_dict`` holds the history, so it
@@ -308,6 +313,7 @@ class TrainingReport:
         self._loss_count = 0
         self._epoch_start = 0.0
         self._last_val_epoch = -1
+        self._plotted_at = -math.inf
         self._learning_rate: float | None = None
         self.stopped: str | None = None  # why the run ended before max_epochs (time budget, early stopping)
         self.training_time = 0.0  # wall-clock seconds since the trainer started, earlier processes of the run included
@@ -383,7 +389,8 @@ class TrainingReport:
         if not self.validate:  # nothing selects a model: keep the last weights
             atomic_torch_save(self.network.state_dict(), self.output_dir / MODEL_FILE)
         self.history.append(row)
-        self.write(engine)
+        due = time.perf_counter() - self._plotted_at >= PLOT_INTERVAL_S
+        self.write(engine, plot=due or self._last_val_epoch == epoch or epoch >= engine.state.max_epochs)
 
     def _terminated(self, engine: Engine) -> None:
         """The run stopped before max_epochs: say why in metrics.json (the handler that stopped it set the reason)."""
@@ -393,8 +400,8 @@ class TrainingReport:
     def _dice_per_class(self, row: Mapping[str, Any]) -> dict[str, float]:
         return {name: row[f"dice_{name}"] for name in self.class_names if f"dice_{name}" in row}
 
-    def write(self, engine: Engine) -> None:
-        """Write ``learning_curve.csv``, ``learning_curve.png`` and ``metrics.json`` into ``output_dir``."""
+    def write(self, engine: Engine, plot: bool = True) -> None:
+        """Write ``learning_curve.csv``, ``metrics.json`` and (``plot``) ``learning_curve.png`` into ``output_dir``."""
         if self._run_start is not None:
             self.training_time = self._time_before + time.perf_counter() - self._run_start
         validated = [row for row in self.history if self.key_metric in row]
@@ -430,7 +437,9 @@ class TrainingReport:
         writer.writeheader()
         writer.writerows(self.history)
         atomic_write_bytes(self.output_dir / "learning_curve.csv", text.getvalue().encode())
-        self._plot()
+        if plot:
+            self._plot()
+            self._plotted_at = time.perf_counter()
 
     def _plot(self) -> None:
         import matplotlib
@@ -468,8 +477,10 @@ class TimeBudget:
     next one would not (rounded to the nearest epoch, so it ends within half an epoch of the budget). The learning
     rate follows the ``schedule_epochs``-long schedule stretched over the planned epochs: after epoch ``k`` of ``E``
     planned, the schedule stands at step ``round(schedule_epochs * k / E)``, so warm-up and annealing take the same
-    share of the budget and the last epoch ends at the schedule's end (its minimum). The time already trained is in
-    the checkpoint: a resumed run has the rest of the budget. It replaces ``LrScheduleHandler`` while active.
+    share of the budget and the last epoch ends at the schedule's end (its minimum). The last epoch is validated
+    (``validator``) when its ``val_interval`` would have skipped it, so the annealed model is scored and a run shorter
+    than ``val_interval`` still has its model. The time already trained is in the checkpoint: a resumed run has the
+    rest of the budget. It replaces ``LrScheduleHandler`` while active.
     """
 
     def __init__(
@@ -477,9 +488,11 @@ class TimeBudget:
         minutes: float | None,
         lr_scheduler: LRScheduler,
         schedule_epochs: int,
+        validator: Engine | None = None,
         clock: Any = time.monotonic,
     ) -> None:
         self.budget_s = None if minutes is None else float(minutes) * 60
+        self.validator = validator
         self.lr_scheduler = lr_scheduler
         self.schedule_epochs = int(schedule_epochs)
         self.clock = clock
@@ -519,6 +532,8 @@ class TimeBudget:
             engine.state.stop_reason = (
                 f"time budget of {budget / 60:g} min reached: {done} epochs in {elapsed:.1f} s of training"
             )
+            if self.validator is not None and self.validator.state.epoch != done:  # the last epoch, unvalidated
+                self.validator.run(done)
             engine.terminate()
 
     def schedule_to(self, step: int) -> None:
@@ -612,7 +627,8 @@ def load_weights(network: torch.nn.Module, path: str | Path, device: Any = "cpu"
         raise ModelError(
             f"model_path {path} does not fit the network these settings build ({'; '.join(differences)}): use the "
             "configs of the run folder that trained it (RUN/configs/inference.yaml), or the same network keys "
-            "(channels, strides, num_res_units, norm, skip_connections, in_channels, num_classes, context_slices)"
+            "(architecture, channels, strides, kernel_sizes, num_res_units, norm, skip_connections, deep_supervision, "
+            "in_channels, num_classes, context_slices)"
         )
     target.load_state_dict(state)
     return network

@@ -1,13 +1,18 @@
-"""The bundles' U-Net: MONAI's residual UNet with the ``norm`` choices of ``custom_components.norms``, and the same
-network without its skip connections for the ablation of the note's eighth question."""
+"""The bundles' networks, chosen by the ``architecture`` key: MONAI's residual UNet with the ``norm`` choices of
+``custom_components.norms`` (and the same network without its skip connections, the note's eighth question's
+ablation), or MONAI's DynUNet, nnU-Net's topology with kernel sizes and strides per axis and deep supervision."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from monai.networks.nets import UNet
+import torch
+from monai.losses import DeepSupervisionLoss
+from monai.networks.nets import DynUNet, UNet
+from monai.networks.nets.dynunet import DynUNetSkipLayer
 from torch import nn
+from torch.nn.modules.loss import _Loss
 
 from custom_components.norms import resolve_norm, standardize_convs
 
@@ -59,3 +64,88 @@ def unet(
         **unet_args,
     )
     return standardize_convs(network) if weight_standardized else network
+
+
+def dynunet(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    channels: Sequence[int],
+    strides: Sequence[int | Sequence[int]],
+    kernel_sizes: Sequence[int | Sequence[int]] | None = None,
+    num_res_units: int = 0,
+    norm: str | Sequence[Any] = "instance",
+    dropout: float = 0.0,
+    deep_supervision: bool = False,
+) -> DynUNet:
+    """MONAI's ``DynUNet`` (nnU-Net's topology) from the bundle's keys: ``channels`` are its filters, ``strides``
+    its downsampling after the first (stride-1) level, ``kernel_sizes`` one per level (null: 3 everywhere),
+    ``num_res_units > 0`` residual blocks, ``norm`` a bundle choice or MONAI norm; ``deep_supervision`` adds a head
+    at every decoder level but the lowest (nnU-Net's), stacked as (B, heads, C, ...) in training mode only."""
+    spec, weight_standardized = resolve_norm(norm)
+    if weight_standardized:  # DynUNet registers its norms after both convolutions: standardize_convs finds none
+        raise ValueError(f"norm {norm!r} (weight-standardised convolutions) is built for architecture unet only")
+    levels = len(channels)
+    return DynUNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=list(kernel_sizes) if kernel_sizes is not None else [3] * levels,
+        strides=[1, *strides],
+        upsample_kernel_size=list(strides),
+        filters=list(channels),
+        dropout=dropout,
+        norm_name=spec,
+        deep_supervision=deep_supervision,
+        deep_supr_num=max(1, levels - 2),
+        res_block=num_res_units > 0,
+    )
+
+
+ARCHITECTURES = ("unet", "dynunet")  # the `architecture` key's choices
+
+
+def build_network(
+    architecture: str,
+    kernel_sizes: Sequence[int | Sequence[int]] | None = None,
+    deep_supervision: bool = False,
+    skip_connections: bool = True,
+    **network_args: Any,
+) -> nn.Module:
+    """The network ``architecture`` names (``ARCHITECTURES``), from the keys every network shares; the keys of one
+    network only (``kernel_sizes``, ``deep_supervision`` for dynunet, ``skip_connections`` for unet) go to it
+    (``custom_components.settings`` refuses them set for the other one)."""
+    if architecture == "dynunet":
+        return dynunet(kernel_sizes=kernel_sizes, deep_supervision=deep_supervision, **network_args)
+    if architecture == "unet":
+        return unet(skip_connections=skip_connections, **network_args)
+    raise ValueError(f"architecture {architecture!r} is not one of {list(ARCHITECTURES)}")
+
+
+def without_deep_supervision(network: nn.Module) -> nn.Module:
+    """``network`` as inference runs it, in place: a DynUNet's deep supervision heads removed (its eval-mode output
+    never uses them), so that TorchScript compiles it (MONAI's skip layers holding a head do not script)."""
+    if isinstance(network, DynUNet) and network.deep_supervision:
+        network.deep_supervision = False
+        for layer in network.modules():
+            if isinstance(layer, DynUNetSkipLayer):
+                layer.super_head, layer.heads = None, None
+        del network.deep_supervision_heads
+    return network
+
+
+class StackedDeepSupervisionLoss(DeepSupervisionLoss):
+    """MONAI's ``DeepSupervisionLoss`` (weights 1, 1/2, 1/4, ...) on DynUNet's training output: the stacked
+    (B, heads, C, ...) tensor is unbound into its heads, full resolution first; an output with the target's
+    dimensions (eval mode) is scored as it is."""
+
+    def forward(self, input: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        if isinstance(input, torch.Tensor) and input.dim() == target.dim() + 1:
+            input = list(torch.unbind(input, dim=1))
+        return super().forward(input, target)
+
+
+def training_loss(loss: _Loss, deep_supervision: bool) -> _Loss:
+    """The training loss: ``loss`` itself, or wrapped in ``StackedDeepSupervisionLoss`` for a deeply supervised
+    network."""
+    return StackedDeepSupervisionLoss(loss) if deep_supervision else loss

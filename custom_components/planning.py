@@ -1,6 +1,7 @@
 """A training plan from a dataset fingerprint, written as a config override file the bundles read.
 
-Target spacing and intensity scheme follow nnU-Net's rules; class weights come from the voxel share of each class.
+Target spacing and intensity scheme follow nnU-Net's rules, and so do DynUNet's strides and kernels per axis
+(``architecture: dynunet``); class weights come from the voxel share of each class.
 Patch and batch size are chosen so that one training step (forward, loss, backward, optimiser step) of the
 bundle's own network fits a memory budget: each candidate is measured, never only estimated. A measurement runs
 in a fresh process forked from a server that imported torch once (peak RSS on CPU, where torch has no peak
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ PREDICTION_SLACK = 1.25  # candidates predicted above this multiple of the budge
 MACHINE_FRACTION = 0.8  # never run a candidate predicted above this share of the device's (free) memory
 GIB = 2**30
 PLANNED_KEYS = ("dataset_dir", "spacing", "intensity", "class_weights", "patch_size", "batch_size")
+DYNUNET_PLANNED_KEYS = ("strides", "kernel_sizes")  # the plan decides them too for architecture dynunet
+MIN_FEATURE_MAP = 4  # nnU-Net: an axis is pooled while at least twice this many voxels are left along it
+MAX_POOLS = 5  # at most this many poolings along an axis, six levels (nnU-Net caps them by MIN_FEATURE_MAP alone)
+COARSE_RATIO = 2.0  # nnU-Net: an axis this much coarser than the finest is neither pooled nor convolved across
 
 
 class PlanError(ValueError):
@@ -130,18 +135,84 @@ def divisibility(strides: Sequence[int | Sequence[int]], dims: int) -> np.ndarra
     return divisor
 
 
-def patch_candidates(median_size: Sequence[float], divisor: Sequence[int]) -> list[tuple[int, ...]]:
+def pool_and_conv_props(
+    spacing: Sequence[float], size: Sequence[float], min_feature_map: int = MIN_FEATURE_MAP, max_pools: int = MAX_POOLS
+) -> tuple[list[list[int]], list[list[int]]]:
+    """DynUNet's ``strides`` (after its first, stride-1, level) and ``kernel_sizes`` (one per level) for a patch of
+    ``size`` voxels of ``spacing`` mm: nnU-Net's rule (nnunetv2 ``get_pool_and_conv_props``).
+
+    Each level halves the axes whose spacing is under twice the finest one and that keep at least twice
+    ``min_feature_map`` voxels (an axis alone only with three times that), at most ``max_pools`` times each; its
+    kernel is 3 along the axes within twice the finest spacing and 1 along the axes still coarser (once 3, always
+    3); the bottleneck's kernel is 3. So a thick-slice axis is convolved and pooled only once the in-plane
+    resolution has come down to its spacing.
+    """
+    dims = len(spacing)
+    current_spacing, current_size = [float(s) for s in spacing], [float(n) for n in size]
+    pools, kernel = [0] * dims, [1] * dims
+    strides: list[list[int]] = []
+    kernels: list[list[int]] = []
+    while True:
+        fits = [axis for axis in range(dims) if current_size[axis] >= 2 * min_feature_map]
+        if not fits:
+            break
+        finest = min(current_spacing[axis] for axis in fits)
+        axes = [a for a in fits if current_spacing[a] / finest < COARSE_RATIO and pools[a] < max_pools]
+        if not axes or (len(axes) == 1 and current_size[axes[0]] < 3 * min_feature_map):
+            break
+        finest_overall = min(current_spacing)
+        kernel = [
+            3 if k == 3 or sp / finest_overall < COARSE_RATIO else 1
+            for k, sp in zip(kernel, current_spacing, strict=True)
+        ]
+        kernels.append(kernel)
+        strides.append([2 if axis in axes else 1 for axis in range(dims)])
+        for axis in axes:
+            pools[axis] += 1
+            current_spacing[axis] *= 2
+            current_size[axis] = math.ceil(current_size[axis] / 2)
+    return strides, [*kernels, [3] * dims]
+
+
+def dynunet_plan(spacing: Sequence[float], size: Sequence[float], channels: Sequence[int]) -> dict[str, Any]:
+    """The keys of a DynUNet for patches up to ``size`` voxels of ``spacing`` mm: ``strides`` and ``kernel_sizes``
+    by nnU-Net's rule (an axis stride or kernel the same on every axis written as one int), ``channels`` doubling
+    per level from the first of ``channels`` up to its last (the bundle's 32 ... 320: nnU-Net's)."""
+    strides, kernels = pool_and_conv_props(spacing, size)
+    if len(strides) < 2:
+        raise PlanError(
+            f"a patch of {[round(float(n), 1) for n in size]} voxels leaves room for {len(strides)} poolings, "
+            "DynUNet needs 2 (three levels): plan for architecture unet, or a finer spacing"
+        )
+
+    def compact(values: Sequence[int]) -> int | list[int]:
+        return values[0] if len(set(values)) == 1 else list(values)
+
+    first, last = int(channels[0]), int(max(channels))
+    return {
+        "channels": [min(first * 2**level, last) for level in range(len(kernels))],
+        "strides": [compact(stride) for stride in strides],
+        "kernel_sizes": [compact(kernel) for kernel in kernels],
+    }
+
+
+def patch_candidates(
+    median_size: Sequence[float], divisor: Sequence[int], largest_size: Sequence[float] | None = None
+) -> list[tuple[int, ...]]:
     """Patch sizes from the median image size down to two divisors per axis, largest first.
 
     Every size is a multiple of the divisor, and at least twice it, so the lowest resolution of the network keeps
-    two voxels per axis (instance norm needs more than one). The first is the median size rounded down; each next
-    one cuts by a quarter the axis that is largest relative to the median (nnU-Net's order), so the patch keeps
-    the shape of a typical image.
+    two voxels per axis (instance norm needs more than one), but never over ``largest_size`` (the largest case)
+    rounded up to the divisor: an axis the network divides by more than the data holds is padded by less than
+    one divisor. The first is the median size rounded down; each next one cuts by a quarter the axis that is
+    largest relative to the median (nnU-Net's order), so the patch keeps the shape of a typical image.
     """
     median = np.asarray(median_size, dtype=float)
     step = np.asarray(divisor, dtype=int)
-    smallest = 2 * step
-    patch = np.maximum(smallest, (median // step).astype(int) * step)
+    largest = median if largest_size is None else np.asarray(largest_size, dtype=float)
+    ceiling = np.maximum(step, np.ceil(largest / step).astype(int) * step)
+    smallest = np.minimum(2 * step, ceiling)
+    patch = np.minimum(ceiling, np.maximum(smallest, (median // step).astype(int) * step))
     candidates = [tuple(int(n) for n in patch)]
     while np.any(patch > smallest):
         reducible = np.flatnonzero(patch > smallest)
@@ -374,6 +445,13 @@ def _machine_limit(device: str) -> float:
     return MACHINE_FRACTION * psutil.virtual_memory().available
 
 
+def planned_keys(config_file: str | Path, overrides: Mapping[str, Any]) -> tuple[str, ...]:
+    """The keys a plan decides (refused in ``--set``): DynUNet's strides and kernels too when the plan's
+    architecture, the bundle's with ``overrides`` on top, is dynunet."""
+    architecture = overrides.get("architecture", ConfigParser.load_config_file(str(config_file)).get("architecture"))
+    return PLANNED_KEYS + (DYNUNET_PLANNED_KEYS if architecture == "dynunet" else ())
+
+
 def make_plan(
     dataset_dir: str | Path,
     memory_gb: float = 8.0,
@@ -385,7 +463,9 @@ def make_plan(
     """Check the dataset, write ``fingerprint.json`` and ``plan_{dim}d.yaml`` into it; return the plan's path and keys.
 
     ``overrides`` are bundle keys (e.g. a smaller ``channels``) applied when measuring and written into the plan,
-    so the plan's patch and batch size hold for the network it names.
+    so the plan's patch and batch size hold for the network it names. For ``architecture`` dynunet (the bundle's,
+    or ``overrides``') the plan also writes the network's strides, kernel sizes and channels (``dynunet_plan``).
+    The patch never exceeds the largest case by a divisor of the network or more along any axis.
     """
     root = Path(dataset_dir).resolve()
     description = load_dataset_json(root)
@@ -400,13 +480,13 @@ def make_plan(
 
     config_file = bundle_config(dim)
     user = dict(overrides or {})
-    planned = sorted(set(user) & set(PLANNED_KEYS))
+    planned = sorted(set(user) & set(planned_keys(config_file, user)))
     if planned:
         raise PlanError(f"--set {', '.join(planned)}: the plan decides these; change them in the plan file instead")
     weights = class_weights([fingerprint["classes"][str(c)]["fraction"] for c in range(num_classes)])
     fixed = {"num_classes": num_classes, "in_channels": len(description["modality"]), "class_weights": weights}
     parser = bundle_parser(config_file, {**user, **fixed})
-    strides, num_samples = parser.get_parsed_content("strides"), parser.get_parsed_content("num_samples")
+    architecture, num_samples = parser.get_parsed_content("architecture"), parser.get_parsed_content("num_samples")
     num_folds = parser.get_parsed_content("num_folds")
     slice_axis = parser.get_parsed_content("slice_axis") if dim == 2 and image_dims == 3 else None
 
@@ -417,7 +497,13 @@ def make_plan(
         target[slice_axis] = -1.0  # the 2D bundle keeps the native spacing across the slices
     resampled = shapes * spacings / np.where(target > 0, target, spacings)
     axes = [axis for axis in range(image_dims) if axis != slice_axis]
-    candidates = patch_candidates(np.median(resampled, axis=0)[axes], divisibility(strides, dim))
+    median, largest = np.median(resampled, axis=0)[axes], resampled.max(axis=0)[axes]
+    network: dict[str, Any] = {}  # the keys the plan decides for dynunet: its topology from spacing and median size
+    if architecture == "dynunet":
+        channels = parser.get_parsed_content("channels")
+        network = {"architecture": architecture, **dynunet_plan(target[axes], median, channels)}
+    strides = network.get("strides", parser.get_parsed_content("strides"))
+    candidates = patch_candidates(median, divisibility(strides, dim), largest)
     train_cases = len(datalist) - len(datalist) // max(num_folds, 1)
     voxels_per_step = float(np.prod(candidates[0])) * num_samples
     max_batch = max(
@@ -432,7 +518,7 @@ def make_plan(
             f"  the budget is over {MACHINE_FRACTION:.0%} of the free memory: "
             f"steps predicted over {_gib(machine_limit)} are not run"
         )
-    measure = StepMemory(config_file, {**user, **fixed}, device, log)
+    measure = StepMemory(config_file, {**user, **network, **fixed}, device, log)
     choice = choose_patch_and_batch(candidates, budget, measure, max_batch, machine_limit)
 
     plan = {
@@ -443,6 +529,7 @@ def make_plan(
         "patch_size": list(choice.patch_size),
         "batch_size": choice.batch_size,
         **user,
+        **network,
     }
     path = root / f"plan_{dim}d.yaml"
     atomic_write_bytes(path, _plan_text(plan, path, dim, device, budget, choice, measure.measured).encode())

@@ -39,7 +39,7 @@ from custom_components.data import (
 )
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.imageio import ITK_SUFFIXES, NIFTI_SUFFIXES, ImageReadError, read_header, read_image
-from custom_components.planning import PLANNED_KEYS, PlanError, bundle_config, make_plan
+from custom_components.planning import PlanError, bundle_config, make_plan, planned_keys
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if check(args.out) else 1
         if args.command == "check":
             return 0 if check(args.dataset_dir, args.dim) else 1
-        bundle = bundle_config(args.dim).parents[1]  # every --set key, before any work (the plan decides its keys)
-        problems = settings.check(dict(args.set), bundle, "train", exclude=PLANNED_KEYS)
+        config_file = bundle_config(args.dim)  # every --set key, before any work (the plan decides its keys)
+        bundle = config_file.parents[1]
+        problems = settings.check(dict(args.set), bundle, "train", exclude=planned_keys(config_file, dict(args.set)))
         if problems:
             raise PlanError(settings.report(problems, bundle, "train", "--set"))
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

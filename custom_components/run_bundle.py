@@ -336,7 +336,7 @@ class RunReport:
             if self.validate:
                 evaluate_run(self.output_dir)
             page = write_report(self.output_dir)
-        except Exception:
+        except (Exception, SystemExit):  # a check's clean exit (no model, say) must not fail a finished training
             logger.exception(
                 "the end-of-training report failed; the run is complete. Write it again with: "
                 "python -m custom_components.report %s",
@@ -350,7 +350,7 @@ class RunReport:
 
 CHECKPOINT_FILE = Path("models") / "checkpoint_last.pt"  # what ResumableCheckpoint resumes from
 # keys a resume may change: how a session shows its progress, holds its data and reports, never what it computes
-RESULT_NEUTRAL = ("progress_bar", "log_every_iteration", "cache_rate", "report")
+RESULT_NEUTRAL = ("progress_bar", "log_every_iteration", "cache_rate", "report", "save_probabilities")
 EXTENDABLE = "max_epochs"  # the one key `extend_training` lets grow
 _ABSENT = "(not set)"
 

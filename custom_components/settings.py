@@ -57,7 +57,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from custom_components.bundle import MONAI_SIGILS, running
-from custom_components.norms import NORM_CHOICES
+from custom_components.norms import NORM_CHOICES, resolve_norm
 from custom_components.run_bundle import flow
 from custom_components.transforms import INTENSITY_SCHEMES
 
@@ -71,6 +71,13 @@ META_KEY = "_meta_"
 BOOLEANS = {"true": True, "True": True, "1": True, "false": False, "False": False, "0": False}
 LISTING = "python -m custom_components.settings"
 STRICT = ConfigDict(strict=True, arbitrary_types_allowed=True)
+# keys one `architecture` builds alone: that architecture, and the value that leaves the key out of the other one
+ARCHITECTURE_ONLY = {
+    "skip_connections": ("unet", True),
+    "kernel_sizes": ("dynunet", None),
+    "deep_supervision": ("dynunet", False),
+}
+DYNUNET_MIN_LEVELS = 3  # MONAI's DynUNet builds at least three resolution levels
 
 
 # --- the declarations ---------------------------------------------------------------------------------------------
@@ -370,7 +377,12 @@ def _annotation(check: Mapping[str, Any], spatial_dims: int | None) -> Any:
 
 # --- descriptions: what a key takes, in words ---------------------------------------------------------------------
 
-ITEM_WORDS = {"int": "integers", "float": "numbers", "str": "names", "stride": "strides (an integer or one per axis)"}
+ITEM_WORDS = {
+    "int": "integers",
+    "float": "numbers",
+    "str": "names",
+    "stride": "integers or lists of one integer per axis",
+}
 
 
 def describe(declaration: Declaration, values: Mapping[str, Any] | None = None, catalogue: Any = None) -> str:
@@ -558,6 +570,41 @@ def _error_texts(errors: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(texts)
 
 
+def _architecture_problems(resolved: Mapping[str, Any], applies: Callable[..., bool]) -> list[Problem]:
+    """The network keys that do not fit the ``architecture``: a key of the other architecture set, or what MONAI's
+    DynUNet cannot build (fewer than three levels, weight-standardised convolutions, even kernels)."""
+    architecture = resolved.get("architecture")
+    if architecture is None:
+        return []
+    problems = []
+    for key, (owner, neutral) in ARCHITECTURE_ONLY.items():
+        if architecture != owner and resolved.get(key, neutral) != neutral and applies(key, "architecture"):
+            problems.append(
+                Problem(
+                    key,
+                    resolved[key],
+                    f"is built by architecture {owner} only, and the architecture is {architecture}",
+                    f"set {key} to {_show(neutral)}, or architecture to {owner}",
+                )
+            )
+    if architecture != "dynunet":
+        return problems
+    channels, norm, kernels = resolved.get("channels"), resolved.get("norm"), resolved.get("kernel_sizes")
+    if isinstance(channels, list) and len(channels) < DYNUNET_MIN_LEVELS and applies("channels", "architecture"):
+        fix = f"give at least {DYNUNET_MIN_LEVELS} channels (and strides one fewer), or architecture unet"
+        problems.append(Problem("channels", channels, "has fewer levels than dynunet builds", fix))
+    if isinstance(norm, str) and resolve_norm(norm)[1] and applies("norm", "architecture"):
+        fix = "give group_auto (the same GroupNorm without it), or architecture unet"
+        problems.append(Problem("norm", norm, "weight-standardised convolutions are built for unet only", fix))
+    if isinstance(kernels, list) and applies("kernel_sizes", "architecture"):
+        even = [i for i, k in enumerate(kernels) if any(n % 2 == 0 for n in (k if isinstance(k, list) else [k]))]
+        if even:
+            where = f"entry {even[0]} is" if len(even) == 1 else f"entries {', '.join(map(str, even))} are"
+            fix = "give odd kernels (3, or 1 along a coarse axis)"
+            problems.append(Problem("kernel_sizes", kernels, f"{where} even: the sizes would shift", fix))
+    return problems
+
+
 def validate(
     values: Mapping[str, Any], bundle: str | Path, config: str = "train", exclude: Iterable[str] = ()
 ) -> Checked:
@@ -699,6 +746,7 @@ def validate(
                         f"give one of: {_names(catalogue)} (or add an entry to `{section}` in train.yaml)",
                     )
                 )
+    problems.extend(_architecture_problems(resolved, applies))
     order = {key: i for i, key in enumerate(declared)}  # unknown keys first, then as train.yaml lists the keys
     problems.sort(key=lambda problem: order.get(problem.key, -1))
     return checked

@@ -5,7 +5,13 @@ a large deformed organ (class 1) holds a few small lesions (class 2, under 1% of
 "distractor" organ of the same density as class 1 makes a plain intensity threshold fail. This is the data that
 `make train` and the tests use, so it must be hard enough to need a network yet learnable in a few epochs.
 
-Usage: ``python -m custom_components.synthetic --out DIR --cases N --seed S [--dim 2|3]``
+Two more kinds (``--kind``) each favour one of the two bundles, for ``kfold select``: ``rods`` (3D) labels bright
+rods that run through the whole volume and leaves discs of the same section unlabelled, so a single slice cannot
+tell them apart; ``slabs`` (2D) are thin volumes of thick slices with solid squares (labelled) and hollow ones
+(unlabelled) at the same places in every slice, each slice drawing anew which one a place shows, so the neighbouring
+slices only mislead.
+
+Usage: ``python -m custom_components.synthetic --out DIR --cases N --seed S [--dim 2|3] [--kind organs|rods|slabs]``
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ LESION_HU = 25.0  # hypodense lesion inside the organ (class 2)
 NOISE_HU = 18.0  # quantum noise standard deviation
 BIAS_HU = 25.0  # amplitude of the smooth, low-frequency bias field
 LABELS = {"0": "background", "1": "organ", "2": "lesion"}
+SHAPE_NOISE = 0.25  # noise of the rods and slabs kinds, in units of the objects' contrast (objects 1, background 0)
 PNG_OFFSET_HU = 1024  # 16-bit PNG/TIFF hold HU + 1024, as CT exports to unsigned images usually do
 FORMATS = {"nifti": ".nii.gz", "png": ".png", "tiff": ".tif"}
 
@@ -86,6 +93,70 @@ def make_case(
     return image.astype(np.float32), label
 
 
+def _free_centres(shape: tuple[int, int], radius: float, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Up to ``count`` in-plane centres at least two radii plus two voxels apart and a radius from the border."""
+    centres: list[np.ndarray] = []
+    for _ in range(50 * count):
+        centre = rng.uniform(radius + 1, np.asarray(shape) - radius - 1)
+        if all(np.linalg.norm(centre - other) > 2 * radius + 2 for other in centres):
+            centres.append(centre)
+        if len(centres) == count:
+            break
+    return centres
+
+
+def _shape_image(objects: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Objects of contrast 1 (per-object brightness 0.8-1.2 already in ``objects``), blurred, with Gaussian noise."""
+    image = ndimage.gaussian_filter(objects.astype(np.float32), sigma=0.6)
+    return (image + rng.normal(0.0, SHAPE_NOISE, objects.shape)).astype(np.float32)
+
+
+def make_rods_case(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rods (class 1) through every slice and discs (unlabelled) three slices thick, of one section and brightness:
+    only the extent across slices tells them apart."""
+    radius = 0.09 * min(shape[:2])
+    xy = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    objects, label = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.uint8)
+    for index, centre in enumerate(_free_centres(shape[:2], radius, 6, rng)):
+        section = (xy[0] - centre[0]) ** 2 + (xy[1] - centre[1]) ** 2 < radius**2
+        brightness = rng.uniform(0.8, 1.2)
+        if index % 2 == 0:  # a rod
+            objects[section] = brightness
+            label[section] = 1
+        else:  # a disc somewhere along the volume
+            start = int(rng.integers(0, shape[2] - 2))
+            objects[section, start : start + 3] = brightness
+    return _shape_image(objects, rng), label
+
+
+def make_slabs_case(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Solid squares (class 1) and hollow ones (unlabelled) of one size and brightness at a few places, each slice
+    drawing anew which one a place shows: the in-plane pattern is all there is to learn, and the neighbouring slices,
+    alike at a glance, say nothing about it."""
+    half = 0.12 * min(shape[:2])
+    xy = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    objects, label = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.uint8)
+    for centre in _free_centres(shape[:2], half * np.sqrt(2), 4, rng):
+        distance = np.maximum(np.abs(xy[0] - centre[0]), np.abs(xy[1] - centre[1]))
+        solid, hollow = distance < half, (distance < half) & (distance >= half - 2)
+        for z in range(shape[2]):
+            brightness = rng.uniform(0.8, 1.2)
+            if rng.random() < 0.5:
+                objects[solid, z] = brightness
+                label[solid, z] = 1
+            else:
+                objects[hollow, z] = brightness
+    return _shape_image(objects, rng), label
+
+
+# dataset kinds: case maker, labels, modality, default shape and spacing (3D)
+KINDS = {
+    "organs": (None, LABELS, "CT", (96, 96, 40), (0.8, 0.8, 2.5)),
+    "rods": (make_rods_case, {"0": "background", "1": "rod"}, "MR", (40, 40, 24), (1.0, 1.0, 1.0)),
+    "slabs": (make_slabs_case, {"0": "background", "1": "square"}, "MR", (48, 48, 6), (0.8, 0.8, 5.0)),
+}
+
+
 def write_dataset(
     out: str | Path,
     cases: int,
@@ -94,19 +165,24 @@ def write_dataset(
     shape: tuple[int, ...] | None = None,
     spacing: tuple[float, ...] | None = None,
     image_format: str = "nifti",
+    kind: str = "organs",
 ) -> Path:
     """Write ``cases`` synthetic cases with an MSD ``dataset.json``; returns the dataset folder.
 
     Case sizes vary by up to +-15% around ``shape`` so that no two volumes share a grid, as in real data.
     ``image_format`` png or tiff (2D only) writes 16-bit images of HU + 1024 and 8-bit label maps, which carry
-    no spacing: the form 2D datasets often come in.
+    no spacing: the form 2D datasets often come in. ``kind`` (:data:`KINDS`): the CT-like organs, or the 3D
+    ``rods`` and the thin ``slabs`` (volumes only, float32 MR-like intensities).
     """
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, got {dim}")
     if image_format not in FORMATS or (image_format != "nifti" and dim != 2):
         raise ValueError(f"image_format must be one of {list(FORMATS)} (png and tiff for dim 2), got {image_format}")
-    shape = tuple(shape or ((96, 96, 40) if dim == 3 else (128, 128)))
-    spacing = tuple(spacing or ((0.8, 0.8, 2.5) if dim == 3 else (0.8, 0.8)))
+    if kind not in KINDS or (kind != "organs" and dim != 3):
+        raise ValueError(f"kind must be one of {list(KINDS)} (rods and slabs are volumes: dim 3), got {kind}")
+    maker, labels, modality, default_shape, default_spacing = KINDS[kind]
+    shape = tuple(shape or (default_shape if dim == 3 else (128, 128)))
+    spacing = tuple(spacing or (default_spacing if dim == 3 else (0.8, 0.8)))
     if len(shape) != dim or len(spacing) != dim:
         raise ValueError(f"shape {shape} and spacing {spacing} must both have {dim} entries")
     out = Path(out)
@@ -116,12 +192,13 @@ def write_dataset(
     training = []
     for index in range(cases):
         case_shape = tuple(int(round(n * rng.uniform(0.85, 1.15))) for n in shape)
-        image, label = make_case(case_shape, spacing, rng)
+        image, label = make_case(case_shape, spacing, rng) if maker is None else maker(case_shape, rng)
         affine = np.diag([*spacing, *([1.0] * (3 - dim)), 1.0])
         affine[:dim, 3] = rng.uniform(-50, 50, dim)  # scanner origin differs between cases
         name = f"case_{index:03d}{FORMATS[image_format]}"
         if image_format == "nifti":
-            nib.save(nib.Nifti1Image(np.round(image).astype(np.int16), affine), out / "imagesTr" / name)
+            stored = np.round(image).astype(np.int16) if maker is None else image  # HU as CT stores them
+            nib.save(nib.Nifti1Image(stored, affine), out / "imagesTr" / name)
             nib.save(nib.Nifti1Image(label, affine), out / "labelsTr" / name)
         else:  # (x, y) -> (rows, columns)
             stored = np.clip(np.round(image) + PNG_OFFSET_HU, 0, 65535).astype(np.uint16)
@@ -129,11 +206,11 @@ def write_dataset(
             Image.fromarray(label.T).save(out / "labelsTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     description = {
-        "name": f"Synthetic{dim}D",
-        "description": "Synthetic CT-like organ (1) and lesion (2) segmentation made by custom_components.synthetic",
+        "name": f"Synthetic{dim}D" + ("" if kind == "organs" else f"-{kind}"),
+        "description": f"Synthetic {kind} ({', '.join(list(labels.values())[1:])}) made by custom_components.synthetic",
         "tensorImageSize": f"{dim}D",
-        "modality": {"0": "CT"},
-        "labels": LABELS,
+        "modality": {"0": modality},
+        "labels": labels,
         "numTraining": cases,
         "numTest": 0,
         "training": training,
@@ -152,8 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", type=int, nargs="+", help="typical grid size in voxels (default 96 96 40 / 128 128)")
     parser.add_argument("--format", default="nifti", choices=list(FORMATS), help="png/tiff: 2D images, no spacing")
     parser.add_argument("--spacing", type=float, nargs="+", help="voxel size in mm (default 0.8 0.8 2.5 / 0.8 0.8)")
+    parser.add_argument(
+        "--kind", default="organs", choices=list(KINDS), help="organs: CT-like; rods: favours 3D; slabs: favours 2D"
+    )
     args = parser.parse_args(argv)
-    out = write_dataset(args.out, args.cases, args.seed, args.dim, args.shape, args.spacing, args.format)
+    out = write_dataset(args.out, args.cases, args.seed, args.dim, args.shape, args.spacing, args.format, args.kind)
     print(f"wrote {args.cases} {args.dim}D cases to {out}")
 
 

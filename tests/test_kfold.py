@@ -226,8 +226,13 @@ def test_a_fold_trains_unless_trained_then_scores_with_its_own_configs(
     calls: list[tuple[list[str], Path]] = []
     returncodes = {"training": 0, "evaluating": 0}
 
+    scores_itself = False  # whether the training writes evaluation.json at its end, as a real one does
+
     def run_logged(command: list[str], log: Path, cwd: Path, env: dict) -> int:
         calls.append((command, cwd))
+        if command[4] == "training" and scores_itself:
+            (fold.path / "evaluation").mkdir(exist_ok=True)
+            (fold.path / "evaluation" / "evaluation.json").write_text("{}")
         return returncodes[command[4]]
 
     monkeypatch.setattr(runner, "_run_logged", run_logged)
@@ -238,13 +243,13 @@ def test_a_fold_trains_unless_trained_then_scores_with_its_own_configs(
     evaluate = ["evaluating", "--config_file", str(fold.path / "configs/evaluate.yaml")]
     evaluate += ["--output_dir", str(fold.path / "evaluation")]  # nothing else: every key is in the fold's config
 
-    assert runner.run_fold(cv, fold, {}) is None  # a new fold: trained, then scored, both from its folder
+    assert runner.run_fold(cv, fold, {}) is None  # a new fold whose training did not score it: then scored
     (train, train_cwd), (score, score_cwd) = calls
     assert train_cwd == score_cwd == fold.path
     assert train[4:7] == ["training", "--config_file", str(bundle.config("train"))]
     assert {key[2:]: DefaultParseValue(value) for key, value in zip(train[7::2], train[8::2], strict=True)} == {
         "progress_bar": False,
-        "report": False,
+        "report": True,  # the training scores its best model at its end
         **overrides,
         "dataset_dir": str(tmp_path / "data"),
         "output_dir": str(fold.path),
@@ -255,13 +260,20 @@ def test_a_fold_trains_unless_trained_then_scores_with_its_own_configs(
     assert score[4:] == evaluate
 
     calls.clear()
+    scores_itself = True
+    (fold.path / "evaluation" / "evaluation.json").unlink(missing_ok=True)
+    assert runner.run_fold(cv, fold, {}) is None  # a training that scored itself: one command
+    assert [command[4] for command, _ in calls] == ["training"]
+
+    calls.clear()
+    scores_itself = False
+    (fold.path / "evaluation" / "evaluation.json").unlink()
     (fold.path / "metrics.json").write_text(json.dumps({"epochs": 2}))
     assert runner.run_fold(cv, fold, {}) is None  # trained but not scored: only scored
     assert [command[4:] for command, _ in calls] == [evaluate]
 
     calls.clear()
     (fold.path / "metrics.json").write_text(json.dumps({"epochs": 1}))
-    (fold.path / "evaluation").mkdir()
     (fold.path / "evaluation" / "evaluation.json").write_text("{}")
     returncodes["training"] = 3
     assert runner.run_fold(cv, fold, {}) == f"{fold.name}: training exited with status 3; see {fold.path / 'fold.log'}"
@@ -282,7 +294,12 @@ def test_spread_and_bootstrap_interval() -> None:
 
 
 # --- a real cross-validation: 6 training cases, 2 labelled test cases, 3 folds of 2 epochs ----------------------
-FOLD_OVERRIDES = {**{k: v for k, v in SMALL_3D.items() if k != "num_folds"}, "max_epochs": "2", "val_interval": "2"}
+# (`report` as kfold sets it: each fold scored at the end of its training)
+FOLD_OVERRIDES = {
+    **{k: v for k, v in SMALL_3D.items() if k not in ("num_folds", "report")},
+    "max_epochs": "2",
+    "val_interval": "2",
+}
 
 
 @pytest.fixture(scope="module")
@@ -435,7 +452,7 @@ def test_print_commands_gives_one_job_per_fold_and_report_collects_what_ran(
     jobs = printed.stdout.strip().splitlines()
     assert len(jobs) == 2 and (output / "splits.json").is_file() and not (output / "fold_0").exists()
     for index, job in enumerate(jobs):
-        assert "-m monai.bundle run training" in job and "-m monai.bundle run evaluating" in job
+        assert "-m monai.bundle run training" in job and "|| /" in job and "-m monai.bundle run evaluating" in job
         assert f"--output_dir {output / f'fold_{index}'}" in job and f"--fold {index}" in job
     assert f"kfold report {output}" in printed.stderr
     gpus = subprocess.run([*command, "--print-commands", "--nproc_per_node", "4"], capture_output=True, text=True)

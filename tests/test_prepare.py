@@ -13,9 +13,18 @@ from monai.bundle import ConfigParser
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from custom_components import planning
+from custom_components import planning, settings
 from custom_components.data import DatasetError, check_datalist, load_dataset_json
-from custom_components.planning import StepMemory, choose_patch_and_batch, make_plan, patch_candidates, target_spacing
+from custom_components.planning import (
+    StepMemory,
+    choose_patch_and_batch,
+    divisibility,
+    dynunet_plan,
+    make_plan,
+    patch_candidates,
+    pool_and_conv_props,
+    target_spacing,
+)
 from custom_components.prepare import main
 from custom_components.synthetic import write_dataset
 from custom_components.transforms import intensity_transform
@@ -338,3 +347,51 @@ def test_patch_candidates_shrink_to_the_network_divisor() -> None:
         shrunk = [a > b for a, b in zip(larger, smaller, strict=True)]
         assert sum(shrunk) == 1 and all(a >= b for a, b in zip(larger, smaller, strict=True))
     assert all(n % d == 0 for patch in candidates for n, d in zip(patch, (16, 16, 8), strict=True))
+
+
+def test_patch_candidates_never_pad_far_beyond_the_largest_case() -> None:
+    # 12-14 slices against a network dividing z by 16: the patch z is 16 (the largest case rounded up), not 2 x 16
+    candidates = patch_candidates((48, 48, 12), (16, 16, 16), largest_size=(55, 55, 14))
+    assert candidates[0] == (48, 48, 16) and candidates[-1] == (32, 32, 16)
+    assert all(patch[2] == 16 for patch in candidates)
+
+
+def test_pool_and_conv_props_follow_nnunet() -> None:
+    # 0.8 x 0.8 x 5 mm: x and y pooled until their spacing nears z's, convolved across z only from then on
+    strides, kernels = pool_and_conv_props((0.8, 0.8, 5.0), (48, 48, 12))
+    assert strides == [[2, 2, 1], [2, 2, 1], [2, 2, 2]]
+    assert kernels == [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]]
+    strides, kernels = pool_and_conv_props((1.0, 1.0, 1.0), (256, 256, 256))  # isotropic: at most 5 pools
+    assert strides == [[2, 2, 2]] * 5 and kernels == [[3, 3, 3]] * 6
+    # y stops at 5 voxels (under twice nnU-Net's 4), x alone needs three times 4: 64 -> 8 in three pools
+    strides, _ = pool_and_conv_props((1.0, 1.0), (64, 20))
+    assert divisibility(strides, 2).tolist() == [8, 4]
+    plan = dynunet_plan((0.8, 0.8, 5.0), (48, 48, 12), [32, 64, 128, 256, 320])
+    assert plan == {
+        "channels": [32, 64, 128, 256],
+        "strides": [[2, 2, 1], [2, 2, 1], 2],
+        "kernel_sizes": [[3, 3, 1], [3, 3, 1], 3, 3],
+    }
+    with pytest.raises(planning.PlanError, match="DynUNet needs 2"):
+        dynunet_plan((1.0, 1.0, 1.0), (12, 12, 12), [32, 64, 128])
+
+
+def test_dynunet_plan_on_anisotropic_data(tmp_path: Path, capsys) -> None:
+    """0.8 x 0.8 x 5 mm volumes of 10-14 slices: z is pooled once, x and y three times, and the patch z never
+    exceeds the largest case rounded up to the network's divisor along z."""
+    root = write_dataset(tmp_path / "thick", cases=4, seed=3, shape=(40, 40, 12), spacing=(0.8, 0.8, 5.0))
+    network = ["--set", "architecture=dynunet", "--set", "channels=[4,8,16]", "--set", "num_res_units=0"]
+    assert main(["plan", str(root), *network, "--set", "strides=[2,2]"]) == 1
+    assert "--set strides: the plan decides these" in capsys.readouterr().err  # dynunet's strides are planned
+    assert main(["plan", str(root), "--memory-gb", "4", *network]) == 0
+    plan = yaml.safe_load((root / "plan_3d.yaml").read_text())
+    assert plan["spacing"] == pytest.approx([0.8, 0.8, 5.0])
+    assert plan["architecture"] == "dynunet" and plan["channels"] == [4, 8, 16, 16]
+    assert plan["strides"] == [[2, 2, 1], [2, 2, 1], 2] and plan["kernel_sizes"] == [[3, 3, 1], [3, 3, 1], 3, 3]
+    divisor = divisibility(plan["strides"], 3)
+    assert divisor.tolist() == [8, 8, 2]  # z pooled fewer times than x and y
+    largest_z = max(case["shape"][2] for case in json.loads((root / "fingerprint.json").read_text())["cases"])
+    assert plan["patch_size"][2] <= -(-largest_z // divisor[2]) * divisor[2]
+    assert all(size % d == 0 for size, d in zip(plan["patch_size"], divisor, strict=True))
+    values = {key: value for key, value in plan.items() if key != "dataset_dir"}
+    assert settings.check(values, REPO / "bundles/unet3d") == []  # the bundle takes the plan as written

@@ -1,10 +1,12 @@
-"""``python -m custom_components.kfold run|report|predict``: cross-validate a bundle, report it, use its ensemble."""
+"""``python -m custom_components.kfold run|select|report|predict``: cross-validate a bundle, or choose between bundles
+(2D, 3D, their ensemble) by cross-validation; report it; predict with its ensemble or the chosen configuration."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from custom_components.data import DatasetError
 from custom_components.imageio import ImageReadError
@@ -12,6 +14,13 @@ from custom_components.kfold.bundle import parse_set
 from custom_components.kfold.ensemble import predict
 from custom_components.kfold.report import write_report
 from custom_components.kfold.runner import fold_jobs, plan_cv, run_cv
+from custom_components.kfold.select import (
+    DEFAULT_BUNDLES,
+    SELECT_STATE,
+    predict_selected,
+    run_selection,
+    write_selection,
+)
 from custom_components.kfold.splits import KFoldError
 
 
@@ -52,16 +61,48 @@ def _parser() -> argparse.ArgumentParser:
         "--nproc_per_node", type=int, help="with --print-commands: each fold as a torchrun job of this many GPUs"
     )
 
+    select = commands.add_parser(
+        "select",
+        help="plan and cross-validate several bundles (2D, 3D) on the same folds, score them and their ensemble out "
+        "of fold, and name the best: selection.json, selection.md, selection.png",
+    )
+    select.add_argument("--dataset_dir", required=True, help="MSD-layout folder with dataset.json")
+    select.add_argument("--output", required=True, help="selection folder; an existing one is resumed")
+    select.add_argument("--folds", type=int, default=5, help="folds of the one stratified split every bundle uses")
+    select.add_argument(
+        "--bundles", nargs="+", default=list(DEFAULT_BUNDLES), help="bundle names under bundles/, or bundle folders"
+    )
+    select.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        metavar="[BUNDLE:]KEY=VALUE",
+        help="bundle keys for every bundle, or for one with its name first (unet3d:patch_size=[64,64,32]); they "
+        "override the plan's",
+    )
+    select.add_argument("--time_budget_min", type=float, help="minutes of training per fold (every bundle the same)")
+    select.add_argument("--seed", type=int, default=0, help="seed of the splits and of each fold's training")
+    select.add_argument("--memory_gb", type=float, default=8.0, help="the plans' memory budget of a training step")
+    select.add_argument("--parallel", type=int, default=1, help="folds at once (one GPU each where there are several)")
+
     report = commands.add_parser(
-        "report", help="(re)write report.json, report.md, the plots and report.html of a run, from what its folds wrote"
+        "report",
+        help="(re)write report.json, report.md, the plots and report.html of a run, from what its folds wrote "
+        "(of a selection folder: selection.json, .md and .png)",
     )
     report.add_argument("output", help="the run folder")
     report.add_argument("--cv_threshold", type=float, default=0.1, help="largest fold-Dice CV called stable")
 
-    ensemble = commands.add_parser("predict", help="segment images with the fold models' averaged softmax")
-    ensemble.add_argument("output", help="the run folder")
+    ensemble = commands.add_parser(
+        "predict",
+        help="segment images with the fold models' averaged softmax (of a selection folder: with the winner)",
+    )
+    ensemble.add_argument("output", help="the run folder, or the selection folder of `kfold select`")
     ensemble.add_argument("--images", nargs="+", required=True, help="images (NIfTI, PNG, TIFF) or folders of them")
     ensemble.add_argument("--out", required=True, help="folder for the label maps (<case id>_seg.nii.gz)")
+    ensemble.add_argument(
+        "--configuration", help="selection folder: predict with this configuration (e.g. unet2d+unet3d), not the winner"
+    )
     return parser
 
 
@@ -97,10 +138,34 @@ def main(argv: list[str] | None = None) -> int:
                 cv_threshold=args.cv_threshold,
                 **_plan_options(args),
             )
+        elif args.command == "select" or (args.command == "report" and (Path(args.output) / SELECT_STATE).is_file()):
+            selection = (
+                run_selection(
+                    args.dataset_dir,
+                    args.output,
+                    args.folds,
+                    bundles=args.bundles,
+                    sets=args.set,
+                    time_budget_min=args.time_budget_min,
+                    seed=args.seed,
+                    memory_gb=args.memory_gb,
+                    parallel=args.parallel,
+                )
+                if args.command == "select"
+                else write_selection(args.output)
+            )
+            print(selection["verdict"])
+            print(f"selection: {args.output}/selection.md")
+            return 0
         elif args.command == "report":
             report = write_report(args.output, args.cv_threshold)
         else:
-            written = predict(args.output, args.images, args.out)
+            if (Path(args.output) / SELECT_STATE).is_file():
+                written = predict_selected(args.output, args.images, args.out, args.configuration)
+            elif args.configuration:
+                raise KFoldError(f"--configuration: {args.output} is not a `kfold select` folder")
+            else:
+                written = predict(args.output, args.images, args.out)
             print(f"wrote {len(written)} label map(s) to {args.out}")
             return 0
     except (KFoldError, DatasetError, ImageReadError) as err:

@@ -22,13 +22,12 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 from monai.engines import EnsembleEvaluator
-from monai.networks.utils import one_hot
 from monai.transforms import Activationsd, Compose, MeanEnsembled, SaveImaged
 
 from custom_components.data import DatasetError, case_id, check_datalist, list_images, load_dataset_json
 from custom_components.handlers import MODEL_FILE, ModelError, atomic_write_json, load_weights
 from custom_components.imageio import read_image
-from custom_components.kfold.evaluation import dice_scores
+from custom_components.kfold.evaluation import dice_scores, label_dice
 from custom_components.kfold.layout import (
     ENSEMBLE_TEST_FILE,
     INFERENCE_CONFIG,
@@ -38,7 +37,6 @@ from custom_components.kfold.layout import (
     read_state,
 )
 from custom_components.kfold.splits import KFoldError
-from custom_components.metrics import dice_per_class
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +97,14 @@ def inference_parser(folds: Sequence[Fold]) -> ConfigParser:
     return parser
 
 
-def predict(output: str | Path, images: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+def predict(
+    output: str | Path, images: Sequence[str | Path], out_dir: str | Path, save_probabilities: bool = False
+) -> list[Path]:
     """Segment ``images`` with the ensemble of the run in ``output``; the label maps written to ``out_dir``.
 
     Every finished fold's ``models/model.pt`` predicts each image; the folds' softmax are averaged and the result
-    goes through the postprocessing of the folds' ``configs/inference.yaml``. Returns the written files
+    goes through the postprocessing of the folds' ``configs/inference.yaml`` (with ``save_probabilities``, which
+    also writes the averaged probabilities, ``<case id>_prob.nii.gz``). Returns the written label maps
     (``<case id>_seg.nii.gz``).
     """
     output = Path(output).resolve()
@@ -114,6 +115,7 @@ def predict(output: str | Path, images: Sequence[str | Path], out_dir: str | Pat
     parser = inference_parser(folds)
     parser["input_dir"] = str(paths[0])  # what its own input list reads (2D: volumes or images); the loader gets all
     parser["output_dir"] = str(out_dir)  # SaveImaged writes here
+    parser["save_probabilities"] = save_probabilities
     device = parser.get_parsed_content("device")
     network = parser.get_parsed_content("network")
     preprocessing = parser.get_parsed_content("preprocessing")
@@ -174,8 +176,7 @@ def score_test_cases(output: str | Path) -> dict[str, Any] | None:
     for entry, prediction in zip(checked, predictions, strict=True):
         predicted = torch.as_tensor(read_image(prediction)[0], dtype=torch.long)
         label = torch.as_tensor(read_image(entry["label"])[0], dtype=torch.long)
-        onehots = [one_hot(x.reshape(label.shape)[None, None], state["num_classes"], dim=1) for x in (predicted, label)]
-        rows.append(dice_per_class(*onehots)[0])  # empty masks as in evaluation (metrics.EMPTY_POLICY)
+        rows.append(label_dice(predicted, label, state["num_classes"]))
     cases = [case_id(entry["image"]) for entry in checked]
     scores = dice_scores(torch.stack(rows), state["class_names"], cases)
     result = {"models": folds, **scores, "space": "original image grid"}

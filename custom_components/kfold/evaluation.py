@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from monai.metrics.utils import do_metric_reduction
+from monai.networks.utils import one_hot
 from monai.utils import MetricReduction
 
 from custom_components.data import case_id
 from custom_components.handlers import atomic_write_json
-from custom_components.metrics import EMPTY_POLICY, SURFACE_METRICS, postprocess_effect, summary
+from custom_components.metrics import EMPTY_POLICY, SURFACE_METRICS, dice_per_class, postprocess_effect, summary
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,13 @@ def dice_scores(details: torch.Tensor, class_names: Sequence[str], case_ids: Seq
         case_mean = reduce(row[None], MetricReduction.MEAN)
         cases[case] = {"mean_dice": json_number(case_mean), "dice": named(row)}
     return {"mean_dice": json_number(mean), "dice_per_class": named(per_class), "cases": cases}
+
+
+def label_dice(predicted: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dice per foreground class of a label map against the reference label map of the same grid (empty masks as
+    in evaluation: :data:`custom_components.metrics.EMPTY_POLICY`)."""
+    onehots = [one_hot(x.reshape(label.shape)[None, None].long(), num_classes, dim=1) for x in (predicted, label)]
+    return dice_per_class(*onehots)[0]
 
 
 def require_model(path: str | Path) -> str:

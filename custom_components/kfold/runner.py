@@ -1,13 +1,14 @@
 """Every fold of a cross-validation through the user's own ``monai.bundle`` commands: resumable, in parallel.
 
-Each fold is two commands, run from its own folder with its own log: ``training`` of the bundle's train.yaml
+Each fold is the bundle's ``training`` command, run from its own folder with its own log: the bundle's train.yaml
 (the user's ``--set`` keys, ``fold`` / ``splits_file`` / ``output_dir`` / ``seed`` set per fold), which makes the
-fold folder a run bundle (``custom_components.run_bundle``); then ``evaluating`` of that fold's own
-``configs/evaluate.yaml``, which scores its best model on its validation cases (the fold, the splits file and every
-model key are literal in it: nothing is replayed). A fold counts as finished once it has trained ``max_epochs`` and
-been scored; a run started again skips finished folds, only scores a trained but unscored one, and the bundle
-resumes an interrupted training from its ``models/checkpoint_last.pt`` (same ``output_dir``). A failed fold is
-recorded and the others go on.
+fold folder a run bundle (``custom_components.run_bundle``) and, at its end, scores its best model on its validation
+cases with the fold's own ``configs/evaluate.yaml`` (``report``: evaluation/ and the fold's report.html, in the same
+process). Only a fold trained but not scored (its end-of-training scoring failed, or was interrupted) gets the
+``evaluating`` command of that evaluate.yaml (the fold, the splits file and every model key are literal in it:
+nothing is replayed). A fold counts as finished once it has trained ``max_epochs`` and been scored; a run started
+again skips finished folds, only scores a trained but unscored one, and the bundle resumes an interrupted training
+from its ``models/checkpoint_last.pt`` (same ``output_dir``). A failed fold is recorded and the others go on.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ from custom_components.kfold.splits import KFoldError, describe_cases, load_spli
 
 logger = logging.getLogger(__name__)
 
-# Fold logs are files: no progress-bar redraws in them unless the user asks (--set progress_bar=true).
-# a fold is scored by its own evaluating step below, and reported in the K-fold folder's report.html
-FOLD_DEFAULTS = {"progress_bar": False, "report": False}
+# Fold logs are files: no progress-bar redraws in them unless the user asks (--set progress_bar=true). A fold scores
+# its best model at the end of its training, in that process (report: evaluation/ and its report.html).
+FOLD_DEFAULTS = {"progress_bar": False, "report": True}
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,12 @@ def training_command(cv: CrossValidation, fold: Fold, nproc_per_node: int | None
 
 
 def fold_job(cv: CrossValidation, fold: Fold, nproc_per_node: int | None = None) -> str:
-    """One shell line that trains ``fold`` (resuming it if started) and scores it, as ``kfold run`` would: a job for
-    a scheduler on any machine that sees the CV folder; ``kfold report`` then collects what the folds wrote."""
+    """One shell line that trains ``fold`` (resuming it if started) and, unless its training scored it, scores it, as
+    ``kfold run`` would: a job for a scheduler on any machine that sees the CV folder; ``kfold report`` then collects
+    what the folds wrote."""
     train, score = training_command(cv, fold, nproc_per_node), evaluation_command(fold)
-    return f"mkdir -p {shlex.quote(str(fold.path))} && {shlex.join(train)} && {shlex.join(score)}"
+    folder, scored = shlex.quote(str(fold.path)), shlex.quote(str(fold.path / EVALUATION_FILE))
+    return f"mkdir -p {folder} && {shlex.join(train)} && {{ test -f {scored} || {shlex.join(score)}; }}"
 
 
 def evaluation_command(fold: Fold) -> list[str]:
@@ -144,17 +147,20 @@ def _run_logged(command: list[str], log: Path, cwd: Path, env: Mapping[str, str]
 
 
 def run_fold(cv: CrossValidation, fold: Fold, env: Mapping[str, str]) -> str | None:
-    """Train one fold (resuming it if it was interrupted) unless it is trained, then score it with its own
-    evaluate.yaml; an error message, or None if it finished. Both commands run in the fold folder."""
+    """Train one fold (resuming it if it was interrupted) unless it is trained, which scores it at its end; score it
+    with its own evaluate.yaml if it is still unscored. An error message, or None if it finished. The commands run in
+    the fold folder."""
     fold.path.mkdir(parents=True, exist_ok=True)
     (fold.path / FAILED_FILE).unlink(missing_ok=True)
     log = fold.path / "fold.log"
-    steps = []
-    if not training_finished(fold.path, cv.max_epochs):
+    steps = [("training", training_command(cv, fold)), ("evaluating", evaluation_command(fold))]
+    if training_finished(fold.path, cv.max_epochs):
+        steps = steps[1:]
+    else:
         (fold.path / EVALUATION_FILE).unlink(missing_ok=True)  # a score of a shorter training would be stale
-        steps.append(("training", training_command(cv, fold)))
-    steps.append(("evaluating", evaluation_command(fold)))
     for step, command in steps:
+        if step == "evaluating" and (fold.path / EVALUATION_FILE).is_file():
+            break  # the training scored its best model itself
         logger.info("%s: %s (log: %s)", fold.name, step, log)
         returncode = _run_logged(command, log, fold.path, env)
         if returncode != 0:
@@ -359,6 +365,14 @@ def run_cv(
     if parallel < 1:
         raise KFoldError(f"--parallel {parallel}: run at least one fold at a time")
     cv, layout = plan_cv(bundle, dataset_dir, output, folds, **options)
+    return complete_cv(cv, layout, parallel, cv_threshold)
+
+
+def complete_cv(
+    cv: CrossValidation, layout: Sequence[Fold], parallel: int = 1, cv_threshold: float = 0.1
+) -> dict[str, Any]:
+    """Run the unfinished folds of a planned cross-validation, score the ensemble on the test cases, write the
+    report; the report (its ``failed`` list names the folds that did not finish)."""
     failures = run_folds(cv, layout, parallel)
     if len(failures) < len(layout):
         score_test_cases(cv.output)
