@@ -61,6 +61,12 @@ cv: install
 bench: install
 	$(PY) benchmarks/norms_and_skips.py --out runs/bench_norms_and_skips
 
+# seconds per iteration with and without the data pipeline, per-epoch overhead, FLOP/s against the CPU's conv peak
+# (runs/bench_throughput/throughput.md; `--quick` took 6 min on 2 busy CPU cores, the default runs longer)
+.PHONY: bench-throughput
+bench-throughput: install
+	$(PY) benchmarks/throughput.py --out runs/bench_throughput
+
 lint: install  # ruff is part of the tests: CI fails on lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
