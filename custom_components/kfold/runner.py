@@ -153,20 +153,23 @@ def run_fold(cv: CrossValidation, fold: Fold, env: Mapping[str, str]) -> str | N
     fold.path.mkdir(parents=True, exist_ok=True)
     (fold.path / FAILED_FILE).unlink(missing_ok=True)
     log = fold.path / "fold.log"
-    steps = [("training", training_command(cv, fold)), ("evaluating", evaluation_command(fold))]
-    if training_finished(fold.path, cv.max_epochs):
-        steps = steps[1:]
-    else:
-        (fold.path / EVALUATION_FILE).unlink(missing_ok=True)  # a score of a shorter training would be stale
-    for step, command in steps:
-        if step == "evaluating" and (fold.path / EVALUATION_FILE).is_file():
-            break  # the training scored its best model itself
+
+    def run(step: str, command: list[str]) -> str | None:
         logger.info("%s: %s (log: %s)", fold.name, step, log)
         returncode = _run_logged(command, log, fold.path, env)
-        if returncode != 0:
-            atomic_write_json({"step": step, "returncode": returncode, "log": str(log)}, fold.path / FAILED_FILE)
-            return f"{fold.name}: {step} exited with status {returncode}; see {log}"
-    return None
+        if returncode == 0:
+            return None
+        atomic_write_json({"step": step, "returncode": returncode, "log": str(log)}, fold.path / FAILED_FILE)
+        return f"{fold.name}: {step} exited with status {returncode}; see {log}"
+
+    if not training_finished(fold.path, cv.max_epochs):
+        (fold.path / EVALUATION_FILE).unlink(missing_ok=True)  # a score of a shorter training would be stale
+        error = run("training", training_command(cv, fold))
+        if error:
+            return error
+    if (fold.path / EVALUATION_FILE).is_file():  # the training scored its best model itself
+        return None
+    return run("evaluating", evaluation_command(fold))
 
 
 def run_folds(cv: CrossValidation, folds: Sequence[Fold], parallel: int) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 
 from custom_components import settings
 from custom_components.bundle import changed_options
-from custom_components.data import case_id, check_datalist, first_image_dims, load_dataset_json
+from custom_components.data import case_id, check_datalist, load_dataset_json
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.imageio import read_image
 from custom_components.kfold.bundle import Bundle, parse_set
@@ -104,18 +104,18 @@ def _check_identity(path: Path, state: Mapping[str, Any]) -> None:
         )
 
 
-def _splits(dataset_dir: Path, output: Path, folds: int, seed: int) -> Path:
-    """``OUT/splits.json``: one stratified K-fold for every bundle (kept when the selection is resumed)."""
+def _splits(bundle: Bundle, dataset_dir: Path, output: Path, folds: int, seed: int) -> Path:
+    """``OUT/splits.json``: one stratified K-fold for every bundle (kept when the selection is resumed); the classes
+    and image dimensions as ``bundle`` reads them from dataset.json."""
     path = output / SPLITS_FILE
     if path.is_file():
         return path
+    keys = ("num_classes", "class_names", "image_dims")
+    parsed = bundle.parsed({"dataset_dir": str(dataset_dir)}, keys)
     description = load_dataset_json(dataset_dir)
-    labels = sorted(description["labels"].items(), key=lambda item: int(item[0]))
-    class_names = [name for value, name in labels if int(value) > 0]
-    image_dims = first_image_dims(description, dataset_dir)
-    datalist = check_datalist(description, dataset_dir, len(labels), image_dims)
-    cases = describe_cases(datalist, class_names, image_dims)
-    splits = make_splits(cases, folds, seed, "auto", None, 1, class_names, dataset_dir / "dataset.json")
+    datalist = check_datalist(description, dataset_dir, parsed["num_classes"], parsed["image_dims"])
+    cases = describe_cases(datalist, parsed["class_names"], parsed["image_dims"])
+    splits = make_splits(cases, folds, seed, "auto", None, 1, parsed["class_names"], dataset_dir / "dataset.json")
     atomic_write_json(splits, path)
     return path
 
@@ -177,7 +177,7 @@ def run_selection(
     _check_identity(state_path, state)
     previous_plans = json.loads(state_path.read_text()).get("plans", {}) if state_path.is_file() else {}
     output.mkdir(parents=True, exist_ok=True)
-    splits_file = _splits(dataset_dir, output, folds, seed)
+    splits_file = _splits(next(iter(found.values())), dataset_dir, output, folds, seed)
     plans = {}
     for name, bundle in found.items():
         keys = {**common, **per_bundle[name]}
