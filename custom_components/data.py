@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,10 @@ from typing import Any, TypeVar
 import nibabel as nib
 import numpy as np
 import psutil
+import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import set_rnd
+from monai.utils import MAX_SEED
 
 from custom_components.handlers import remove_stale_temporaries
 from custom_components.imageio import IMAGE_SUFFIXES, PLANAR_SUFFIXES, ImageReadError, read_header, read_image
@@ -428,6 +432,55 @@ def make_dataset(
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         return PersistentDataset(data=data, transform=transform, cache_dir=cache_dir)
     return CacheDataset(data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers or None)
+
+
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """``dataset`` whose random transforms draw each item from a seed of (the epoch's seed, the item's index).
+
+    Which worker process loads an item, and whether the workers live across epochs (``persistent_workers``, which
+    saves starting them every epoch), then changes no random draw: an epoch draws the same patches and augmentations
+    in a resumed run as in an uninterrupted one. The epoch's seed is set in the main process (``set_random_state``,
+    which ``ResumableCheckpoint`` reaches through MONAI's ``set_rnd`` at every epoch start) and read by the workers
+    from shared memory; a worker's own seeding (MONAI's ``worker_init_fn``) is ignored.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+        self._epoch_seed = multiprocessing.RawValue("q", 0)  # shared with forked (or spawned) workers
+
+    @property
+    def epoch_seed(self) -> int:
+        return int(self._epoch_seed.value)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> Any:
+        if torch.utils.data.get_worker_info() is None:
+            self._epoch_seed.value = int(seed or 0)
+        return self
+
+    def __getitem__(self, index: int) -> Any:
+        item_seed = int(np.random.SeedSequence([self.epoch_seed, 0, int(index)]).generate_state(1)[0])
+        set_rnd(self.dataset, item_seed % MAX_SEED)
+        return self.dataset[index]
+
+
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """Every index of an ``EpochSeededDataset`` once per epoch, in an order drawn from the epoch's seed alone.
+
+    Not from torch's global generator (as a shuffling ``DataLoader`` does), which the start of a loader's workers
+    also draws from: workers that live across epochs would otherwise shuffle differently from restarted ones.
+    """
+
+    def __init__(self, dataset: EpochSeededDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.dataset.epoch_seed, 1]).permutation(len(self.dataset)).tolist())
 
 
 def image_spatial_dims(path: str | Path) -> int:

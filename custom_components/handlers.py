@@ -171,8 +171,10 @@ def _rank() -> int:
 class ResumableCheckpoint:
     """Keep the last epoch's full state in one file, and resume from it when a run starts again.
 
-    At the end of every epoch the state of the engine it is attached to and of every object in ``objects``
-    (network, optimiser, schedule, report) is written atomically to ``path``; when the engine starts and
+    At the end of an epoch the state of the engine it is attached to and of every object in ``objects``
+    (network, optimiser, schedule, report) is written atomically to ``path``: after the run's last epoch, when it
+    stops early, and otherwise once ``interval_min`` minutes have passed since the last write (0: every epoch), so a
+    small dataset's short epochs do not each pay for writing the optimiser's state; when the engine starts and
     ``path`` exists, all of it is loaded back as tensors and plain values (``weights_only``: nothing in the file is
     executed), so training continues at the next epoch. It replaces MONAI's CheckpointLoader + CheckpointSaver pair
     because those cannot hold the trainer that owns them (a config cycle) and name each epoch's file differently.
@@ -182,8 +184,8 @@ class ResumableCheckpoint:
     again over the new length, stepped to the resumed epoch as a run of that length would have been.
 
     With ``seed``, every epoch starts from random generators seeded by (seed, epoch, rank): torch's, numpy's,
-    Python's and the random transforms of ``dataset`` (MONAI's ``set_rnd``, which data-loading workers inherit
-    through their seeds drawn from torch's generator). An epoch then draws the same patches, augmentations and
+    Python's and the random transforms of ``dataset`` (MONAI's ``set_rnd``; an ``EpochSeededDataset`` seeds each item
+    from it and its index, in whichever worker loads it). An epoch then draws the same patches, augmentations and
     order whether the run was interrupted before it or not, so a resumed run repeats the uninterrupted one.
     """
 
@@ -195,6 +197,8 @@ class ResumableCheckpoint:
         save: bool = True,
         seed: int | None = None,
         dataset: Any = None,
+        interval_min: float = 0.0,
+        clock: Any = time.monotonic,
     ) -> None:
         self.path = Path(path)
         self.objects = {name: unwrap(obj) for name, obj in objects.items()}
@@ -202,6 +206,9 @@ class ResumableCheckpoint:
         self.save_enabled = save  # False in all but one process of a distributed run: all resume, one writes
         self.seed = seed
         self.dataset = dataset
+        self.interval_s = float(interval_min) * 60
+        self.clock = clock
+        self._saved_at = clock()
 
     def attach(self, engine: Engine) -> None:
         if self.enabled:
@@ -221,15 +228,24 @@ class ResumableCheckpoint:
     def _save_last(self, engine: Engine) -> None:
         """Register the save when the run starts, after every handler was attached: it then runs last at each
         epoch end, once validation, the report and the schedule step are done, so the file is a whole epoch."""
-        if self.save_enabled and not engine.has_event_handler(self.save, Events.EPOCH_COMPLETED):
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
-            engine.add_event_handler(Events.TERMINATE, self.save)  # again, with why the run stopped
+        if self.save_enabled and not engine.has_event_handler(self.save_due, Events.EPOCH_COMPLETED):
+            self._saved_at = self.clock()
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_due)
+            engine.add_event_handler(Events.TERMINATE, self.save)  # a run stopped early: with why it stopped
 
     def _with_engine(self, engine: Engine) -> dict[str, Any]:
         return {**self.objects, "engine": engine}
 
+    def save_due(self, engine: Engine) -> None:
+        """Save after the last epoch, or once the interval has passed; a stopping run saves on ``TERMINATE``."""
+        if engine.should_terminate:
+            return
+        if engine.state.epoch >= engine.state.max_epochs or self.clock() - self._saved_at >= self.interval_s:
+            self.save(engine)
+
     def save(self, engine: Engine) -> None:
         atomic_torch_save({name: obj.state_dict() for name, obj in self._with_engine(engine).items()}, self.path)
+        self._saved_at = self.clock()
 
     def load(self, engine: Engine) -> None:
         self._save_last(engine)

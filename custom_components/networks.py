@@ -105,6 +105,16 @@ def dynunet(
 ARCHITECTURES = ("unet", "dynunet")  # the `architecture` key's choices
 
 
+def on_device(network: nn.Module, device: str | torch.device, channels_last: bool) -> nn.Module:
+    """``network`` on ``device``, its convolution weights in channels-last layout when ``channels_last`` (oneDNN and
+    cuDNN then pick other kernels). Values, state_dict keys and shapes are unchanged: weights files load either way."""
+    network = network.to(device)
+    if channels_last:
+        dims = max((p.dim() for p in network.parameters()), default=0)
+        network = network.to(memory_format=torch.channels_last_3d if dims == 5 else torch.channels_last)
+    return network
+
+
 def build_network(
     architecture: str,
     kernel_sizes: Sequence[int | Sequence[int]] | None = None,

@@ -349,8 +349,17 @@ class RunReport:
 # --- a restart on a run folder: faithful or refused ---------------------------------------------------------------
 
 CHECKPOINT_FILE = Path("models") / "checkpoint_last.pt"  # what ResumableCheckpoint resumes from
-# keys a resume may change: how a session shows its progress, holds its data and reports, never what it computes
-RESULT_NEUTRAL = ("progress_bar", "log_every_iteration", "cache_rate", "report", "save_probabilities")
+# keys a resume may change: how a session shows its progress, holds and loads its data (every item is seeded by its
+# epoch and index, whichever worker loads it), saves and reports, never what it computes
+RESULT_NEUTRAL = (
+    "progress_bar",
+    "log_every_iteration",
+    "cache_rate",
+    "num_workers",
+    "checkpoint_interval_min",
+    "report",
+    "save_probabilities",
+)
 EXTENDABLE = "max_epochs"  # the one key `extend_training` lets grow
 _ABSENT = "(not set)"
 

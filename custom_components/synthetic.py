@@ -11,7 +11,8 @@ tell them apart; ``slabs`` (2D) are thin volumes of thick slices with solid squa
 (unlabelled) at the same places in every slice, each slice drawing anew which one a place shows, so the neighbouring
 slices only mislead.
 
-Usage: ``python -m custom_components.synthetic --out DIR --cases N --seed S [--dim 2|3] [--kind organs|rods|slabs]``
+Usage: ``python -m custom_components.synthetic --out DIR --cases N --seed S [--dim 2|3] [--kind organs|rods|slabs]
+[--empty N]``
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ def _ellipsoid_distance(grid: list[np.ndarray], centre: np.ndarray, radii: np.nd
 
 
 def make_case(
-    shape: tuple[int, ...], spacing: tuple[float, ...], rng: np.random.Generator
+    shape: tuple[int, ...], spacing: tuple[float, ...], rng: np.random.Generator, foreground: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One CT-like image (float32 HU) and its label map (uint8: 0 background, 1 organ, 2 lesion)."""
+    """One CT-like image (float32 HU) and its label map (uint8: 0 background, 1 organ, 2 lesion).
+
+    ``foreground`` False leaves the organ and its lesions out (the distractor stays): a case without foreground,
+    whose right answer is an empty label map."""
     grid = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij")
     extent = np.array([n * s for n, s in zip(shape, spacing, strict=True)])
     centre = extent / 2
@@ -78,6 +82,8 @@ def make_case(
         radius = min(rng.uniform(3.0, 5.0), max_radius)
         lesion |= _ellipsoid_distance(grid, centre_mm, np.full(len(shape), radius)) < 1
     lesion &= organ
+    if not foreground:
+        organ[:] = lesion[:] = False
 
     image = np.full(shape, AIR_HU, dtype=np.float32)
     image[body] = BODY_HU
@@ -166,13 +172,15 @@ def write_dataset(
     spacing: tuple[float, ...] | None = None,
     image_format: str = "nifti",
     kind: str = "organs",
+    empty_cases: int = 0,
 ) -> Path:
     """Write ``cases`` synthetic cases with an MSD ``dataset.json``; returns the dataset folder.
 
     Case sizes vary by up to +-15% around ``shape`` so that no two volumes share a grid, as in real data.
     ``image_format`` png or tiff (2D only) writes 16-bit images of HU + 1024 and 8-bit label maps, which carry
     no spacing: the form 2D datasets often come in. ``kind`` (:data:`KINDS`): the CT-like organs, or the 3D
-    ``rods`` and the thin ``slabs`` (volumes only, float32 MR-like intensities).
+    ``rods`` and the thin ``slabs`` (volumes only, float32 MR-like intensities). The last ``empty_cases`` cases
+    (organs only) have no organ and no lesion: a label map of background alone.
     """
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, got {dim}")
@@ -180,6 +188,8 @@ def write_dataset(
         raise ValueError(f"image_format must be one of {list(FORMATS)} (png and tiff for dim 2), got {image_format}")
     if kind not in KINDS or (kind != "organs" and dim != 3):
         raise ValueError(f"kind must be one of {list(KINDS)} (rods and slabs are volumes: dim 3), got {kind}")
+    if not 0 <= empty_cases <= cases or (empty_cases and kind != "organs"):
+        raise ValueError(f"empty_cases must be between 0 and cases={cases} (organs only), got {empty_cases}")
     maker, labels, modality, default_shape, default_spacing = KINDS[kind]
     shape = tuple(shape or (default_shape if dim == 3 else (128, 128)))
     spacing = tuple(spacing or (default_spacing if dim == 3 else (0.8, 0.8)))
@@ -192,7 +202,8 @@ def write_dataset(
     training = []
     for index in range(cases):
         case_shape = tuple(int(round(n * rng.uniform(0.85, 1.15))) for n in shape)
-        image, label = make_case(case_shape, spacing, rng) if maker is None else maker(case_shape, rng)
+        foreground = index < cases - empty_cases
+        image, label = make_case(case_shape, spacing, rng, foreground) if maker is None else maker(case_shape, rng)
         affine = np.diag([*spacing, *([1.0] * (3 - dim)), 1.0])
         affine[:dim, 3] = rng.uniform(-50, 50, dim)  # scanner origin differs between cases
         name = f"case_{index:03d}{FORMATS[image_format]}"
@@ -232,8 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--kind", default="organs", choices=list(KINDS), help="organs: CT-like; rods: favours 3D; slabs: favours 2D"
     )
+    parser.add_argument("--empty", type=int, default=0, help="the last N cases without foreground (organs only)")
     args = parser.parse_args(argv)
-    out = write_dataset(args.out, args.cases, args.seed, args.dim, args.shape, args.spacing, args.format, args.kind)
+    out = write_dataset(
+        args.out, args.cases, args.seed, args.dim, args.shape, args.spacing, args.format, args.kind, args.empty
+    )
     print(f"wrote {args.cases} {args.dim}D cases to {out}")
 
 

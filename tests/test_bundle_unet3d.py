@@ -46,6 +46,11 @@ def test_short_training_reaches_dice_bound(dataset3d: Path, tmp_path: Path, lear
     assert (organ_dice > ORGAN_DICE_BOUND) == should_learn, organ_dice
 
 
+# 4 epochs with persistent workers (each item is seeded by its epoch and index, not by the worker) and a checkpoint
+# every epoch, so that the run can be killed after its first
+INTERRUPTIBLE = {"num_workers": "2", "checkpoint_interval_min": "0", "max_epochs": 4, "val_interval": 1}
+
+
 def _curve(output_dir: Path) -> list[dict[str, float]]:
     with open(output_dir / "learning_curve.csv") as handle:
         return [
@@ -64,9 +69,10 @@ def _assert_same_curve(run: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted4(dataset3d: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run the resumed ones must repeat: 4 epochs of the small 3D settings, never stopped."""
+    """The run the resumed ones must repeat: 4 epochs of the small 3D settings, never stopped, its patches drawn by
+    two data-loading workers that live across the epochs."""
     out = tmp_path_factory.mktemp("runs") / "uninterrupted4"
-    overrides = {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": out, "max_epochs": 4, "val_interval": 1}
+    overrides = {**SMALL_3D, **INTERRUPTIBLE, "dataset_dir": dataset3d, "output_dir": out}
     run_bundle(TRAIN_3D, overrides)
     return out
 
@@ -75,7 +81,7 @@ def test_interrupted_run_resumes_to_the_same_learning_curve(
     dataset3d: Path, tmp_path: Path, uninterrupted4: Path
 ) -> None:
     out = tmp_path / "run"
-    overrides = {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": out, "max_epochs": 4, "val_interval": 1}
+    overrides = {**SMALL_3D, **INTERRUPTIBLE, "dataset_dir": dataset3d, "output_dir": out}
     process = subprocess.Popen(
         bundle_args(TRAIN_3D, overrides), cwd=USER_CWD.name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

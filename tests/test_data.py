@@ -9,11 +9,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.data import CacheDataset, PersistentDataset
-from monai.transforms import LoadImaged
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data.utils import set_rnd
+from monai.transforms import Compose, LoadImaged, Randomizable
 
 from custom_components import data
-from custom_components.data import DatasetError, check_datalist, load_dataset_json, make_dataset, split_datalist
+from custom_components.data import (
+    DatasetError,
+    EpochSeededDataset,
+    EpochSeededSampler,
+    check_datalist,
+    load_dataset_json,
+    make_dataset,
+    split_datalist,
+)
+from custom_components.handlers import epoch_seed
 from custom_components.synthetic import write_dataset
 
 
@@ -43,6 +53,43 @@ def test_synthetic_data_is_seeded(tmp_path: Path) -> None:
     c = write_dataset(tmp_path / "c", cases=1, seed=6, shape=(16, 16, 6))
     read = lambda root: np.asarray(nib.load(root / "imagesTr/case_000.nii.gz").dataobj)  # noqa: E731
     assert np.array_equal(read(a), read(b)) and not np.array_equal(read(a), read(c))
+
+
+def test_synthetic_cases_without_foreground_come_last_and_keep_their_body(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds", cases=3, seed=4, shape=(24, 24, 8), empty_cases=1)
+    labels = [np.asarray(nib.load(root / f"labelsTr/case_{i:03d}.nii.gz").dataobj) for i in range(3)]
+    assert [int(label.max()) for label in labels] == [2, 2, 0]  # organ and lesion in the first two only
+    empty = np.asarray(nib.load(root / "imagesTr/case_002.nii.gz").dataobj)
+    assert empty.min() < -900 and empty.max() > 50  # air, and the unlabelled distractor of the organ's density
+    with pytest.raises(ValueError, match="empty_cases"):
+        write_dataset(tmp_path / "rods", cases=2, kind="rods", empty_cases=1)
+
+
+class _Draw(Randomizable):
+    """A random transform whose output is its draw: what a patch position or an augmentation would be."""
+
+    def __call__(self, _item: int) -> float:
+        return float(self.R.random())
+
+
+def test_epoch_seeded_items_draw_alike_in_any_worker_and_in_persistent_ones() -> None:
+    def draws(num_workers: int, persistent: bool, first_epoch: int = 1) -> list[tuple[list[int], list[float]]]:
+        """Per epoch: the order of the items and each one's draw, as a run started at ``first_epoch`` sees them."""
+        dataset = EpochSeededDataset(Dataset(list(range(6)), transform=Compose([_Draw()])))
+        sampler = EpochSeededSampler(dataset)
+        loader = DataLoader(dataset, num_workers, batch_size=2, sampler=sampler, persistent_workers=persistent)
+        epochs = []
+        for epoch in range(first_epoch, 3):
+            set_rnd(dataset, epoch_seed(0, epoch))  # what ResumableCheckpoint does at every epoch start
+            epochs.append((list(sampler), [float(value) for batch in loader for value in batch]))
+        return epochs
+
+    in_process = draws(0, False)
+    assert draws(2, True) == draws(2, False) == in_process  # whichever process draws, and however long it lives
+    assert draws(2, True, first_epoch=2) == in_process[1:]  # a run resumed at epoch 2
+    (first_order, first), (second_order, second) = in_process
+    assert sorted(first_order) == list(range(6)) and first_order != second_order  # each epoch its own order
+    assert len(set(first)) == 6 and set(first).isdisjoint(second)  # a draw per item, others in the next epoch
 
 
 def test_missing_dataset_dir(tmp_path: Path) -> None:

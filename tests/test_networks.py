@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import DynUNet
 
 from custom_components import export, settings
-from custom_components.networks import StackedDeepSupervisionLoss, build_network, training_loss
+from custom_components.networks import StackedDeepSupervisionLoss, build_network, on_device, training_loss
 from tests.conftest import REPO, SMALL_3D, read_metrics, run_bundle
 
 BUNDLE_3D = REPO / "bundles" / "unet3d"
@@ -62,6 +62,24 @@ def test_dynunet_stacks_its_heads_in_training_only() -> None:
     image = torch.rand(2, 1, 16, 16, 4)
     assert network(image).shape == (2, 3, 3, 16, 16, 4)
     assert network.eval()(image).shape == (2, 3, 16, 16, 4)
+
+
+@pytest.mark.parametrize(("dims", "layout"), [(3, torch.channels_last_3d), (2, torch.channels_last)])
+def test_channels_last_changes_the_layout_not_the_network(dims: int, layout: torch.memory_format) -> None:
+    def network(channels_last: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        keys = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "norm": "instance", "dropout": 0.0}
+        built = build_network("unet", spatial_dims=dims, in_channels=1, out_channels=3, **keys)
+        return on_device(built, "cpu", channels_last)
+
+    plain, fast = network(False), network(True)
+    weights = [p for p in fast.parameters() if p.dim() == dims + 2]
+    assert all(p.is_contiguous(memory_format=layout) for p in weights)
+    assert any(not p.is_contiguous() for p in weights)  # (1x1 kernels and single channels are both at once)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    image = torch.rand(2, 1, *[16] * dims)
+    assert torch.allclose(plain.eval()(image), fast.eval()(image), atol=1e-5)
+    plain.load_state_dict(fast.state_dict())  # the same weights file either way
 
 
 def test_settings_refuse_what_the_architecture_does_not_build() -> None:

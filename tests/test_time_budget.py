@@ -8,7 +8,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.handlers import TimeBudget
+from custom_components.handlers import ResumableCheckpoint, TimeBudget
 from tests.conftest import SMALL_3D, read_metrics, run_bundle
 
 TRAIN_3D = "bundles/unet3d/configs/train.yaml"
@@ -87,3 +87,26 @@ def test_early_stopping_ends_a_run_that_cannot_learn_and_it_stays_ended(dataset3
     result = run_bundle(TRAIN_3D, overrides)  # started again: it ended, nothing more to train
     assert read_metrics(out)["epochs"] == 3
     assert "this run already ended (early stopping" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("stop_at", "saved"), [(None, [3, 6, 7]), (5, [3, 5])])
+def test_checkpoint_is_written_at_its_interval_after_the_last_epoch_and_at_a_stop(
+    tmp_path: Path, stop_at: int | None, saved: list[int]
+) -> None:
+    clock = _Clock()
+    network = torch.nn.Linear(1, 1)
+    checkpoint = ResumableCheckpoint(tmp_path / "last.pt", {"network": network}, interval_min=1.0, clock=clock)
+
+    def epoch(engine: Engine, _batch: object) -> None:
+        clock.now += 25.0  # an epoch of 25 s: the 1-minute interval is passed after epochs 3 and 6
+
+    trainer = Engine(epoch)
+    if stop_at is not None:  # a time budget or early stopping ending the run
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_at), lambda engine: engine.terminate())
+    checkpoint.attach(trainer)  # registers its saves when the run starts, after the stop above
+    writes: list[int] = []
+    original = checkpoint.save
+    checkpoint.save = lambda engine: (writes.append(engine.state.epoch), original(engine))  # type: ignore[method-assign]
+    trainer.run([0], max_epochs=7)
+    assert writes == saved
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["engine"]["iteration"] == saved[-1]  # one per epoch

@@ -1,0 +1,205 @@
+"""Dice per minute of training: validation Dice after 1, 2, 5 and 10 minutes for the bundles' configurations.
+
+Each configuration trains through the user's command (``python -m monai.bundle run training``) with
+``time_budget_min`` set to each number of minutes, so that every run lays its learning-rate schedule out over its
+own budget (warm-up and annealing included) as a user's run with that budget would; the runs are separate, the
+Dice is the run's kept model (best validation mean Dice, the last, annealed epoch always validated).
+
+The data stand in for a thin-slab MR task: anisotropic synthetic volumes (0.8 x 0.8 x 4 mm, 10-14 slices) with a
+large organ, lesions of under 0.5% of the voxels and two cases without foreground, one of them among the six
+training cases and one among the four validation cases (``splits.json``). The configurations (``CONFIGS``):
+
+- ``3D defaults``: bundles/unet3d as it ships;
+- ``3D plan, unet`` and ``3D plan, dynunet``: bundles/unet3d with ``prepare plan``'s file (``planning.make_plan``,
+  ``--set architecture=dynunet`` for the second), the user's workflow;
+- ``2D defaults``: bundles/unet2d as it ships.
+
+Every run also uses two data-loading workers and no per-iteration log. The Conv3d peak of the machine is measured
+in the same run (``throughput.conv_peak``) so that readers can scale the minutes to theirs. A killed benchmark run
+again with the same options keeps the runs it finished. Run from the repository root:
+
+    python benchmarks/dice_per_minute.py [--minutes 1 2 5 10] [--configs NAME ...] [--out runs/bench_dice_per_minute]
+
+Writes ``dice_per_minute.md``, ``dice_per_minute.json`` and ``dice_per_minute.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from throughput import conv_peak, machine
+
+from custom_components.bundle import bundle_command
+from custom_components.handlers import atomic_write_json
+from custom_components.paths import REPO_ROOT
+from custom_components.planning import make_plan
+from custom_components.synthetic import write_dataset
+
+CASES, EMPTY, SHAPE, SPACING = 10, 2, (96, 96, 12), (0.8, 0.8, 4.0)
+TRAIN, VAL = (
+    ["case_000", "case_001", "case_002", "case_003", "case_004", "case_008"],
+    [
+        "case_005",
+        "case_006",
+        "case_007",
+        "case_009",
+    ],
+)  # case_008 and case_009 are the cases without foreground
+# name: (bundle, plan overrides or None for the bundle's defaults)
+CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "3D defaults": ("unet3d", None),
+    "3D plan, unet": ("unet3d", {}),
+    "3D plan, dynunet": ("unet3d", {"architecture": "dynunet"}),
+    "2D defaults": ("unet2d", None),
+}
+RUN_KEYS = {"num_workers": 2, "progress_bar": False, "log_every_iteration": False, "report": False}
+
+
+def slug(name: str) -> str:
+    """A folder name for a configuration."""
+    return re.sub(r"\W+", "_", name).strip("_").lower()
+
+
+def prepare_data(out: Path) -> tuple[Path, Path]:
+    """The synthetic dataset and its one split, written once and reused."""
+    dataset, splits = out / "data", out / "splits.json"
+    if not (dataset / "dataset.json").is_file():
+        write_dataset(dataset, cases=CASES, seed=0, shape=SHAPE, spacing=SPACING, empty_cases=EMPTY)
+    atomic_write_json([{"train": TRAIN, "val": VAL}], splits)
+    return dataset, splits
+
+
+def plan_file(dataset: Path, name: str, overrides: Mapping[str, Any], out: Path) -> Path:
+    """``prepare plan`` for one configuration, kept as ``plans/<name>.yaml`` (planned once: it measures steps)."""
+    kept = out / "plans" / f"{slug(name)}.yaml"
+    if not kept.is_file():
+        path, _ = make_plan(dataset, dim=3, overrides=dict(overrides))
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, kept)
+    return kept
+
+
+def train(configs: Sequence[Path], keys: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    """One budgeted training through the user's command; its metrics.json with the process's wall time."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run would be resumed with less than its budget
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    args = bundle_command("training", configs, {**keys, "output_dir": run_dir})
+    log = run_dir.with_suffix(".log")
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        subprocess.run(args, cwd=run_dir.parent, stdout=handle, stderr=subprocess.STDOUT, check=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {**metrics, "process_s": round(time.perf_counter() - start, 1), "log": str(log)}
+
+
+def table(results: Mapping[str, Mapping[str, Any]], minutes: Sequence[float]) -> str:
+    """Markdown: mean Dice (organ / lesion) per configuration and budget, then the epochs each budget bought."""
+    head = "| configuration | " + " | ".join(f"{m:g} min" for m in minutes) + " |"
+    lines = [head, "|---" * (len(minutes) + 1) + "|"]
+    for name, runs in results.items():
+        cells = []
+        for m in minutes:
+            run = runs.get(f"{m:g}")
+            if run is None:
+                cells.append("")
+                continue
+            per_class = " / ".join(f"{d:.2f}" for d in run["best_dice_per_class"].values())
+            cells.append(f"**{run['best_mean_dice']:.3f}** ({per_class}), {run['epochs']} ep")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: Mapping[str, Mapping[str, Any]], minutes: Sequence[float], path: Path) -> None:
+    """Mean Dice against the training budget, one line per configuration, and the lesion Dice beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, runs in results.items():
+        done = [m for m in minutes if f"{m:g}" in runs]
+        for ax, value in zip(axes, ("mean", "last class"), strict=True):
+            dice = [
+                runs[f"{m:g}"]["best_mean_dice"]
+                if value == "mean"
+                else list(runs[f"{m:g}"]["best_dice_per_class"].values())[-1]
+                for m in done
+            ]
+            ax.plot(done, dice, marker="o", label=name)
+    classes = list(next(iter(next(iter(results.values())).values()))["best_dice_per_class"])
+    for ax, title in zip(axes, ("validation mean Dice", f"validation Dice, {classes[-1]}"), strict=True):
+        ax.set(xscale="log", xlabel="training budget (min, time_budget_min)", ylabel="Dice", ylim=(0, 1), title=title)
+        ax.set_xticks(list(minutes), [f"{m:g}" for m in minutes])
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Train every configuration for every budget, print the table and write the report files."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_dice_per_minute"), help="data, runs, results")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[1, 2, 5, 10], help="training budgets")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="which ones")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    dataset, splits = prepare_data(out)
+    state_file = out / "dice_per_minute.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    results: dict[str, dict[str, Any]] = {name: state.get("results", {}).get(name, {}) for name in args.configs}
+    peak = conv_peak(3)
+    print(f"conv peak {peak['gflop_per_s']:.1f} GFLOP/s", flush=True)
+    for name in args.configs:
+        bundle, plan_overrides = CONFIGS[name]
+        configs = [REPO_ROOT / "bundles" / bundle / "configs" / "train.yaml"]
+        if plan_overrides is not None:
+            configs.append(plan_file(dataset, name, plan_overrides, out))
+        for m in args.minutes:
+            if f"{m:g}" in results[name]:
+                continue  # finished in an earlier run of this benchmark
+            keys = {**RUN_KEYS, "dataset_dir": str(dataset), "splits_file": str(splits), "time_budget_min": m}
+            results[name][f"{m:g}"] = train(configs, keys, out / "runs" / f"{slug(name)}_{m:g}min")
+            run = results[name][f"{m:g}"]
+            print(f"{name}, {m:g} min: Dice {run['best_mean_dice']:.3f}, {run['epochs']} epochs", flush=True)
+            atomic_write_json({"results": {**state.get("results", {}), **results}}, state_file)
+    info = machine()
+    command = " ".join(["python benchmarks/dice_per_minute.py", *(sys.argv[1:] if argv is None else argv)])
+    report = "\n\n".join(
+        [
+            f"Command: {command} ({(time.perf_counter() - start) / 60:.0f} min)",
+            table(results, args.minutes),
+            "Cells: the kept model's validation mean Dice (per class: "
+            + " / ".join(next(iter(next(iter(results.values())).values()))["best_dice_per_class"])
+            + f") and the epochs the budget bought. {CASES - len(VAL)} training and {len(VAL)} validation "
+            f"cases of {list(SHAPE)} voxels at {list(SPACING)} mm, one without foreground in each.",
+            f"Conv peak: {peak['gflop_per_s']:.1f} GFLOP/s (Conv3d forward+backward, throughput.conv_peak).",
+            f"Machine: {info['cpu']}, {info['cpu_count']} CPU cores, {info['torch_threads']} torch threads; "
+            f"torch {info['torch']}, MONAI {info['monai']}, Python {info['python']}; {info['date']}.",
+        ]
+    )
+    print(report)
+    (out / "dice_per_minute.md").write_text(report + "\n")
+    everything = {**state.get("results", {}), **results}
+    atomic_write_json({"results": everything, "conv_peak": peak, "machine": info}, state_file)
+    plot(results, args.minutes, out / "dice_per_minute.png")
+    print(f"wrote {out / 'dice_per_minute.md'}, {state_file.name} and dice_per_minute.png")
+
+
+if __name__ == "__main__":
+    main()

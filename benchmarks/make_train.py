@@ -1,0 +1,100 @@
+"""`make train` now against `make train` at an earlier commit, side by side in one run: wall time and Dice.
+
+The earlier commit's files are taken with ``git archive`` into ``--out`` and its ``make train`` runs there with this
+checkout's environment (``VENV``) and its code first on ``PYTHONPATH``; then this checkout's ``make train`` runs.
+Both write their own copy of the same synthetic data and train through the user's command, so the table compares
+what a user of each commit waits for (data, training, the end-of-run evaluation and report) on the same machine
+minutes apart: quote the ratio, not the seconds. Run from the repository root:
+
+    python benchmarks/make_train.py [--baseline c8632f9] [--out runs/bench_make_train]
+
+Writes ``make_train.md`` and ``make_train.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from throughput import machine
+
+from custom_components.paths import REPO_ROOT
+
+
+def checkout(revision: str, folder: Path) -> Path:
+    """The files of ``revision`` in ``folder`` (replaced if present)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", revision], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+def make_train(source: Path, out: Path, name: str) -> dict[str, Any]:
+    """``make train`` of the repository at ``source`` into ``out/name``; its metrics.json and the wall time."""
+    run_dir, data_dir = out / name, out / f"{name}_data"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    venv = Path(sys.executable).parent.parent  # this checkout's environment, installed by `make install`
+    args = ["make", "-C", str(source), "train", f"VENV={venv}", f"TRAIN_OUT={run_dir}", f"TRAIN_DATA={data_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    log = out / f"{name}.log"
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, env=env, check=True)
+    wall = time.perf_counter() - start
+    return {**json.loads((run_dir / "metrics.json").read_text()), "make_train_s": round(wall, 1), "log": str(log)}
+
+
+def table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: one row per commit, the time ratio against the first row."""
+    first = next(iter(results.values()))["make_train_s"]
+    head = "| make train | wall time (s) | ratio | training (s) | epochs | s / iteration | mean Dice | per class |"
+    lines = [head, "|---" * 8 + "|"]
+    for name, m in results.items():
+        per_class = ", ".join(f"{c} {d:.3f}" for c, d in m["best_dice_per_class"].items())
+        lines.append(
+            f"| {name} | {m['make_train_s']:.0f} | {m['make_train_s'] / first:.2f} | {m['training_time_s']:.0f} | "
+            f"{m['epochs']} | {m['seconds_per_iteration']:.3f} | {m['best_mean_dice']:.3f} | {per_class} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run both `make train`s, print the table and write the report files."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default="c8632f9", help="the earlier commit (default: before the speed-ups)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_make_train"), help="sources, runs and results")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    baseline = checkout(args.baseline, out / "baseline_source")
+    results = {
+        f"at {args.baseline}": make_train(baseline, out, "baseline"),
+        "now": make_train(REPO_ROOT, out, "now"),
+    }
+    info = machine()
+    report = "\n\n".join(
+        [
+            table(results),
+            f"Machine: {info['cpu']}, {info['cpu_count']} CPU cores; torch {info['torch']}, MONAI {info['monai']}, "
+            f"Python {info['python']}; {info['date']}. The two runs one after the other.",
+        ]
+    )
+    print(report)
+    (out / "make_train.md").write_text(report + "\n")
+    (out / "make_train.json").write_text(json.dumps({"results": results, "machine": info}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
