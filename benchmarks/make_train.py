@@ -47,6 +47,9 @@ def make_train(source: Path, out: Path, name: str) -> dict[str, Any]:
     shutil.rmtree(run_dir, ignore_errors=True)
     venv = Path(sys.executable).parent.parent  # this checkout's environment, installed by `make install`
     args = ["make", "-C", str(source), "train", f"VENV={venv}", f"TRAIN_OUT={run_dir}", f"TRAIN_DATA={data_dir}"]
+    # the install stamp taken as up to date: an archived pyproject.toml would otherwise reinstall the environment
+    # with the earlier commit's package (PYTHONPATH below chooses the code)
+    args += ["--old-file", str(venv / ".installed-stamp")]
     env = {**os.environ, "PYTHONPATH": str(source)}
     log = out / f"{name}.log"
     start = time.perf_counter()
