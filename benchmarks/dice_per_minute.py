@@ -46,15 +46,9 @@ from custom_components.planning import make_plan
 from custom_components.synthetic import write_dataset
 
 CASES, EMPTY, SHAPE, SPACING = 10, 2, (96, 96, 12), (0.8, 0.8, 4.0)
-TRAIN, VAL = (
-    ["case_000", "case_001", "case_002", "case_003", "case_004", "case_008"],
-    [
-        "case_005",
-        "case_006",
-        "case_007",
-        "case_009",
-    ],
-)  # case_008 and case_009 are the cases without foreground
+# case_008 and case_009 are the cases without foreground, one on each side
+TRAIN = [f"case_{i:03d}" for i in (0, 1, 2, 3, 4, 8)]
+VAL = [f"case_{i:03d}" for i in (5, 6, 7, 9)]
 # name: (bundle, plan overrides or None for the bundle's defaults)
 CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "3D defaults": ("unet3d", None),
@@ -102,6 +96,11 @@ def train(configs: Sequence[Path], keys: Mapping[str, Any], run_dir: Path) -> di
     return {**metrics, "process_s": round(time.perf_counter() - start, 1), "log": str(log)}
 
 
+def class_names(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The foreground classes, as the runs' metrics.json name them."""
+    return list(next(iter(next(iter(results.values())).values()))["best_dice_per_class"])
+
+
 def table(results: Mapping[str, Mapping[str, Any]], minutes: Sequence[float]) -> str:
     """Markdown: mean Dice (organ / lesion) per configuration and budget, then the epochs each budget bought."""
     head = "| configuration | " + " | ".join(f"{m:g} min" for m in minutes) + " |"
@@ -129,16 +128,11 @@ def plot(results: Mapping[str, Mapping[str, Any]], minutes: Sequence[float], pat
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, runs in results.items():
         done = [m for m in minutes if f"{m:g}" in runs]
-        for ax, value in zip(axes, ("mean", "last class"), strict=True):
-            dice = [
-                runs[f"{m:g}"]["best_mean_dice"]
-                if value == "mean"
-                else list(runs[f"{m:g}"]["best_dice_per_class"].values())[-1]
-                for m in done
-            ]
-            ax.plot(done, dice, marker="o", label=name)
-    classes = list(next(iter(next(iter(results.values())).values()))["best_dice_per_class"])
-    for ax, title in zip(axes, ("validation mean Dice", f"validation Dice, {classes[-1]}"), strict=True):
+        runs_done = [runs[f"{m:g}"] for m in done]
+        axes[0].plot(done, [run["best_mean_dice"] for run in runs_done], marker="o", label=name)
+        axes[1].plot(done, [list(run["best_dice_per_class"].values())[-1] for run in runs_done], marker="o", label=name)
+    last = class_names(results)[-1]
+    for ax, title in zip(axes, ("validation mean Dice", f"validation Dice, {last}"), strict=True):
         ax.set(xscale="log", xlabel="training budget (min, time_budget_min)", ylabel="Dice", ylim=(0, 1), title=title)
         ax.set_xticks(list(minutes), [f"{m:g}" for m in minutes])
         ax.grid(alpha=0.3)
@@ -162,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     dataset, splits = prepare_data(out)
     state_file = out / "dice_per_minute.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    results: dict[str, dict[str, Any]] = {name: state.get("results", {}).get(name, {}) for name in args.configs}
+    earlier = state.get("results", {})  # every configuration's finished runs, also those not asked for now
+    results: dict[str, dict[str, Any]] = {name: earlier.get(name, {}) for name in args.configs}
     peak = conv_peak(3)
     print(f"conv peak {peak['gflop_per_s']:.1f} GFLOP/s", flush=True)
     for name in args.configs:
@@ -177,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             results[name][f"{m:g}"] = train(configs, keys, out / "runs" / f"{slug(name)}_{m:g}min")
             run = results[name][f"{m:g}"]
             print(f"{name}, {m:g} min: Dice {run['best_mean_dice']:.3f}, {run['epochs']} epochs", flush=True)
-            atomic_write_json({"results": {**state.get("results", {}), **results}}, state_file)
+            atomic_write_json({"results": {**earlier, **results}}, state_file)
     info = machine()
     command = " ".join(["python benchmarks/dice_per_minute.py", *(sys.argv[1:] if argv is None else argv)])
     report = "\n\n".join(
@@ -185,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"Command: {command} ({(time.perf_counter() - start) / 60:.0f} min)",
             table(results, args.minutes),
             "Cells: the kept model's validation mean Dice (per class: "
-            + " / ".join(next(iter(next(iter(results.values())).values()))["best_dice_per_class"])
+            + " / ".join(class_names(results))
             + f") and the epochs the budget bought. {CASES - len(VAL)} training and {len(VAL)} validation "
             f"cases of {list(SHAPE)} voxels at {list(SPACING)} mm, one without foreground in each.",
             f"Conv peak: {peak['gflop_per_s']:.1f} GFLOP/s (Conv3d forward+backward, throughput.conv_peak).",
@@ -195,8 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(report)
     (out / "dice_per_minute.md").write_text(report + "\n")
-    everything = {**state.get("results", {}), **results}
-    atomic_write_json({"results": everything, "conv_peak": peak, "machine": info}, state_file)
+    atomic_write_json({"results": {**earlier, **results}, "conv_peak": peak, "machine": info}, state_file)
     plot(results, args.minutes, out / "dice_per_minute.png")
     print(f"wrote {out / 'dice_per_minute.md'}, {state_file.name} and dice_per_minute.png")
 
