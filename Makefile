@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed-stamp
 TRAIN_DATA ?= data/synthetic3d
 TRAIN_OUT ?= runs/make_train_3d
 TRAIN_CASES ?= 16
+# more bundle overrides after TRAIN_OVERRIDES (the later of two equal keys wins), e.g. TRAIN_EXTRA="--seed 1"
+TRAIN_EXTRA ?=
 # lesions are a few voxels wide: keep 1.2 mm in-plane and centre 3 of 5 patches on them; channels-last weights make
 # this small network's step 13% faster on CPU (bundles/unet3d/docs/README.md)
 TRAIN_OVERRIDES ?= --spacing "[1.2,1.2,2.5]" --patch_size "[64,64,32]" --channels "[16,32,64,128]" \
@@ -37,7 +39,7 @@ train: install
 	$(PY) -m custom_components.synthetic --out $(TRAIN_DATA) --cases $(TRAIN_CASES) --seed 0
 	$(PY) -m monai.bundle run training --config_file bundles/unet3d/configs/train.yaml \
 		--meta_file bundles/unet3d/configs/metadata.json --logging_file bundles/unet3d/configs/logging.conf \
-		--dataset_dir $(TRAIN_DATA) --output_dir $(TRAIN_OUT) $(TRAIN_OVERRIDES)
+		--dataset_dir $(TRAIN_DATA) --output_dir $(TRAIN_OUT) $(TRAIN_OVERRIDES) $(TRAIN_EXTRA)
 	@echo "run bundle: $(TRAIN_OUT) (models/model.pt, configs/inference.yaml)  metrics: $(TRAIN_OUT)/metrics.json  curve: $(TRAIN_OUT)/learning_curve.png"
 
 # the bundles' configs from their one template (bundles/template): run after editing it; `make test` checks it
@@ -69,10 +71,16 @@ bench-throughput: install
 	$(PY) benchmarks/throughput.py --out runs/bench_throughput
 
 # validation Dice after 1, 2, 5 and 10 minutes of training for the default bundles and the plans, on thin-slab
-# synthetic data (runs/bench_dice_per_minute/dice_per_minute.{md,png}; about 80 min on 2 CPU cores)
+# synthetic data, the plans also compiled (runs/bench_dice_per_minute/dice_per_minute.{md,png}; about 2 h on 2 CPU cores)
 .PHONY: bench-dice-per-minute
 bench-dice-per-minute: install
 	$(PY) benchmarks/dice_per_minute.py --out runs/bench_dice_per_minute
+
+# `make train`'s recipe and variants of it over seeds 0, 1, 2 (each seed its own split, weights and draws): the
+# spread a recipe change must beat (runs/bench_make_train_seeds/make_train_seeds.md; about 50 min on 2 CPU cores)
+.PHONY: bench-make-train-seeds
+bench-make-train-seeds: install
+	$(PY) benchmarks/make_train_seeds.py --out runs/bench_make_train_seeds
 
 lint: install  # ruff is part of the tests: CI fails on lint
 	$(VENV)/bin/ruff check .

@@ -12,7 +12,9 @@ training cases and one among the four validation cases (``splits.json``). The co
 - ``3D defaults``: bundles/unet3d as it ships;
 - ``3D plan, unet`` and ``3D plan, dynunet``: bundles/unet3d with ``prepare plan``'s file (``planning.make_plan``,
   ``--set architecture=dynunet`` for the second), the user's workflow;
-- ``2D defaults``: bundles/unet2d as it ships.
+- ``2D defaults``: bundles/unet2d as it ships;
+- ``3D plan, unet, compiled`` and ``3D plan, dynunet, compiled``: the two plans with ``compile: true`` (the network
+  compiled by ``torch.compile``, its compile time inside the budget).
 
 Every run also uses two data-loading workers and no per-iteration log. The Conv3d peak of the machine is measured
 in the same run (``throughput.conv_peak``) so that readers can scale the minutes to theirs. A killed benchmark run
@@ -49,12 +51,14 @@ CASES, EMPTY, SHAPE, SPACING = 10, 2, (96, 96, 12), (0.8, 0.8, 4.0)
 # case_008 and case_009 are the cases without foreground, one on each side
 TRAIN = [f"case_{i:03d}" for i in (0, 1, 2, 3, 4, 8)]
 VAL = [f"case_{i:03d}" for i in (5, 6, 7, 9)]
-# name: (bundle, plan overrides or None for the bundle's defaults)
-CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
-    "3D defaults": ("unet3d", None),
-    "3D plan, unet": ("unet3d", {}),
-    "3D plan, dynunet": ("unet3d", {"architecture": "dynunet"}),
-    "2D defaults": ("unet2d", None),
+# name: (bundle, plan overrides or None for the bundle's defaults, training keys beyond RUN_KEYS)
+CONFIGS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
+    "3D defaults": ("unet3d", None, {}),
+    "3D plan, unet": ("unet3d", {}, {}),
+    "3D plan, dynunet": ("unet3d", {"architecture": "dynunet"}, {}),
+    "2D defaults": ("unet2d", None, {}),
+    "3D plan, unet, compiled": ("unet3d", {}, {"compile": True}),
+    "3D plan, dynunet, compiled": ("unet3d", {"architecture": "dynunet"}, {"compile": True}),
 }
 RUN_KEYS = {"num_workers": 2, "progress_bar": False, "log_every_iteration": False, "report": False}
 
@@ -73,8 +77,10 @@ def prepare_data(out: Path) -> tuple[Path, Path]:
     return dataset, splits
 
 
-def plan_file(dataset: Path, name: str, overrides: Mapping[str, Any], out: Path) -> Path:
-    """``prepare plan`` for one configuration, kept as ``plans/<name>.yaml`` (planned once: it measures steps)."""
+def plan_file(dataset: Path, overrides: Mapping[str, Any], out: Path) -> Path:
+    """``prepare plan`` with ``overrides``, kept as ``plans/<name>.yaml`` after the first configuration planned with
+    them (planned once: it measures steps)."""
+    name = next(name for name, (_, planned, _) in CONFIGS.items() if planned == overrides)
     kept = out / "plans" / f"{slug(name)}.yaml"
     if not kept.is_file():
         path, _ = make_plan(dataset, dim=3, overrides=dict(overrides))
@@ -161,14 +167,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     peak = conv_peak(3)
     print(f"conv peak {peak['gflop_per_s']:.1f} GFLOP/s", flush=True)
     for name in args.configs:
-        bundle, plan_overrides = CONFIGS[name]
+        bundle, plan_overrides, training_keys = CONFIGS[name]
         configs = [REPO_ROOT / "bundles" / bundle / "configs" / "train.yaml"]
         if plan_overrides is not None:
-            configs.append(plan_file(dataset, name, plan_overrides, out))
+            configs.append(plan_file(dataset, plan_overrides, out))
         for m in args.minutes:
             if f"{m:g}" in results[name]:
                 continue  # finished in an earlier run of this benchmark
-            keys = {**RUN_KEYS, "dataset_dir": str(dataset), "splits_file": str(splits), "time_budget_min": m}
+            keys = {**RUN_KEYS, **training_keys, "dataset_dir": str(dataset), "splits_file": str(splits)}
+            keys["time_budget_min"] = m
             results[name][f"{m:g}"] = train(configs, keys, out / "runs" / f"{slug(name)}_{m:g}min")
             run = results[name][f"{m:g}"]
             print(f"{name}, {m:g} min: Dice {run['best_mean_dice']:.3f}, {run['epochs']} epochs", flush=True)

@@ -182,7 +182,21 @@ def measure_in_process(
     result["pipeline"] = time_pipeline(loader, step, iterations)
     if baseline:
         result["baseline"] = tutorial_loop(parser, copy.deepcopy(network), iterations)
+    result["compiled"] = compiled_step(network, step, image, label, iterations)  # last: compiles the network
     return result
+
+
+def compiled_step(
+    network: torch.nn.Module, step: Callable, image: torch.Tensor, label: torch.Tensor, iterations: int
+) -> dict[str, float]:
+    """``torch.compile``'s price and gain on the pre-made ``step`` of ``network``: the network is compiled in place
+    (its state_dict keys unchanged, as a bundle would compile it); the first call compiles."""
+    network.compile()
+    start = time.perf_counter()
+    step(image, label)
+    first = time.perf_counter() - start
+    seconds = best_time(lambda: step(image, label), iterations)
+    return {"seconds_per_iteration": seconds, "compile_s": first - seconds}
 
 
 def tutorial_loop(parser: Any, network: torch.nn.Module, iterations: int) -> dict[str, Any]:
@@ -253,6 +267,7 @@ def summarise(name: str, m: dict[str, Any], peak: float) -> dict[str, Any]:
     compute = m["iterations_per_epoch"] * premade
     in_pipeline = m["iterations_per_epoch"] * pipeline["seconds_per_iteration"]
     achieved = m["gflop_per_step"] / premade
+    compiled = m["compiled"]["seconds_per_iteration"]
     return {
         "configuration": name,
         "s_per_it_pipeline": pipeline["seconds_per_iteration"],
@@ -261,6 +276,11 @@ def summarise(name: str, m: dict[str, Any], peak: float) -> dict[str, Any]:
         "voxels_per_s": m["voxels_per_step"] / pipeline["seconds_per_iteration"],
         "gflop_per_s": achieved,
         "peak_share": achieved / peak,
+        "s_per_it_compiled": compiled,
+        "compiled_peak_share": m["gflop_per_step"] / compiled / peak,
+        "compile_s": m["compiled"]["compile_s"],
+        # iterations after which the faster compiled step has paid for its compilation (never if it is not faster)
+        "compile_pays_after": m["compiled"]["compile_s"] / (premade - compiled) if compiled < premade else None,
         "overhead_share": 1 - compute / command["epoch_s"],
         "iterations_per_epoch": m["iterations_per_epoch"],
         "epoch_s": command["epoch_s"],
@@ -318,9 +338,22 @@ def tables(rows: list[dict[str, Any]], peak: dict[str, float], info: Mapping[str
                 f"{r['command_iterations_s']:.1f} | {r['validation_s']:.1f} | {r['epoch_end_s']:.1f} | "
                 f"{r['startup_s']:.1f} |"
             )
+    compile_head = "| configuration | s/it, pre-made | s/it, compiled | ratio | % conv peak, compiled | compile (s) | "
+    compile_head += "pays after (iterations) |\n" + "|---" * 7 + "|"
+    compile_lines = [compile_head]
+    for r in rows:
+        if "s_per_it_compiled" in r:
+            pays = "never" if r["compile_pays_after"] is None else f"{r['compile_pays_after']:.0f}"
+            compile_lines.append(
+                f"| {r['configuration']} | {r['s_per_it_premade']:.3f} | {r['s_per_it_compiled']:.3f} | "
+                f"{r['s_per_it_compiled'] / r['s_per_it_premade']:.2f} | {r['compiled_peak_share']:.0%} | "
+                f"{r['compile_s']:.0f} | {pays} |"
+            )
     return "\n\n".join(
         [
             "\n".join(lines),
+            "torch.compile on the same pre-made step (the network compiled in place; its first call compiles):",
+            "\n".join(compile_lines),
             f"Conv peak: Conv3d({CONV_CHANNELS}, {CONV_CHANNELS}, 3) forward+backward on {list(CONV_SHAPE)}: "
             f"{peak['gflop']:.0f} GFLOP in {peak['seconds']:.2f} s = {peak['gflop_per_s']:.1f} GFLOP/s.",
             f"Per epoch of the bundle's training command ({epochs} epochs, validation every epoch, the first epoch "

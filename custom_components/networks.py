@@ -105,13 +105,18 @@ def dynunet(
 ARCHITECTURES = ("unet", "dynunet")  # the `architecture` key's choices
 
 
-def on_device(network: nn.Module, device: str | torch.device, channels_last: bool) -> nn.Module:
+def on_device(
+    network: nn.Module, device: str | torch.device, channels_last: bool, compiled: bool = False
+) -> nn.Module:
     """``network`` on ``device``, its convolution weights in channels-last layout when ``channels_last`` (oneDNN and
-    cuDNN then pick other kernels). Values, state_dict keys and shapes are unchanged: weights files load either way."""
+    cuDNN then pick other kernels), compiled in place by ``torch.compile`` when ``compiled`` (on its first call).
+    Values, state_dict keys and shapes are unchanged: weights files load either way."""
     network = network.to(device)
     if channels_last:
         dims = max((p.dim() for p in network.parameters()), default=0)
         network = network.to(memory_format=torch.channels_last_3d if dims == 5 else torch.channels_last)
+    if compiled:
+        network.compile()
     return network
 
 

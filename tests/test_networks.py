@@ -82,6 +82,22 @@ def test_channels_last_changes_the_layout_not_the_network(dims: int, layout: tor
     plain.load_state_dict(fast.state_dict())  # the same weights file either way
 
 
+def test_compile_runs_the_same_network_compiled() -> None:
+    torch.manual_seed(0)
+    keys = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "norm": "instance", "dropout": 0.0}
+    plain = on_device(build_network("unet", spatial_dims=3, in_channels=1, out_channels=3, **keys), "cpu", False)
+    compiled = on_device(
+        build_network("unet", spatial_dims=3, in_channels=1, out_channels=3, **keys), "cpu", False, True
+    )
+    compiled.load_state_dict(plain.state_dict())  # the same weights file either way
+    traced = []  # a hook's side effect: True when the forward ran in the compiled graph
+    for network in (plain, compiled):
+        network.register_forward_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
+    image = torch.rand(1, 1, 16, 16, 16)
+    assert torch.allclose(plain.eval()(image), compiled.eval()(image), atol=1e-5)
+    assert traced == [False, True]
+
+
 def test_settings_refuse_what_the_architecture_does_not_build() -> None:
     def problems(**values: object) -> dict[str, str]:
         return {p.key: f"{p.problem}; {p.fix}" for p in settings.check(values, BUNDLE_3D)}

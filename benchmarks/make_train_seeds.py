@@ -1,0 +1,125 @@
+"""`make train`'s recipe and variants of it, each over several seeds: how far the Dice moves between seeds, and so
+how large a recipe change's effect must be before one run can show it.
+
+Each run is ``make train`` with ``TRAIN_EXTRA="--seed S <variant's overrides>"``: the seed picks the fold split (which
+4 of the 16 synthetic cases are validated), the initial weights and every random draw. Runs go ``--jobs`` at a time,
+each with its share of the CPU's threads, so the times in the table are for a shared machine: compare Dice, and
+time only as the epochs a variant trains. A run whose ``metrics.json`` exists is kept (a killed benchmark resumes).
+Run from the repository root:
+
+    python benchmarks/make_train_seeds.py [--seeds 0 1 2] [--variants "make train" ...] [--out DIR]
+
+Writes ``make_train_seeds.md`` and ``make_train_seeds.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from throughput import machine
+
+from custom_components.paths import REPO_ROOT
+
+# bundle overrides after the Makefile's TRAIN_OVERRIDES; the class weights are what `prepare plan` computes for this
+# data (planning.class_weights of the voxel shares 0.951 / 0.049 / 0.0008)
+CLASS_WEIGHTS = '--class_weights "[0.0747,0.3299,2.5954]"'
+VARIANTS: dict[str, str] = {
+    "make train": "",
+    "batch Dice": "--losses#dice_focal#batch True",
+    "class weights": CLASS_WEIGHTS,
+    "learning rate 0.006": "--learning_rate 0.006",
+    "65 epochs, learning rate 0.006": "--max_epochs 65 --learning_rate 0.006",
+    "65 epochs, learning rate 0.006, class weights": f"--max_epochs 65 --learning_rate 0.006 {CLASS_WEIGHTS}",
+    "patch [64,64,16]": '--patch_size "[64,64,16]"',
+}
+QUIET = "--progress_bar False"
+
+
+def run_name(variant: str, seed: int) -> str:
+    """The folder of one run: the variant's name as a slug and the seed."""
+    return f"{re.sub(r'[^a-z0-9]+', '_', variant.lower()).strip('_')}_s{seed}"
+
+
+def make_train(variant: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
+    """One ``make train`` of ``variant`` with ``seed`` into ``out``; its metrics.json (kept if already there)."""
+    run_dir = out / run_name(variant, seed)
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        data_dir = out / f"data_{run_name(variant, seed)}"  # each run its own copy: runs overlap
+        extra = f"--seed {seed} {VARIANTS[variant]} {QUIET}"
+        venv = Path(sys.executable).parent.parent
+        args = ["make", "-C", str(REPO_ROOT), "train", f"VENV={venv}", f"TRAIN_OUT={run_dir}"]
+        args += [f"TRAIN_DATA={data_dir}", f"TRAIN_EXTRA={extra}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        with open(out / f"{run_name(variant, seed)}.log", "w") as log:
+            subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        print(f"{variant}, seed {seed}: {json.loads(metrics.read_text())['best_mean_dice']:.3f}", flush=True)
+    return json.loads(metrics.read_text())
+
+
+def table(results: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequence[int]) -> str:
+    """Markdown: one row per variant, the kept model's mean Dice (lesion) per seed, their mean and the paired
+    difference from the first variant (the same seeds, so the same splits)."""
+    head = "| variant | epochs | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | against the first |"
+    lines = [head, "|---" * (len(seeds) + 4) + "|"]
+    first = next(iter(results.values()))
+    for variant, runs in results.items():
+        dice = [runs[s]["best_mean_dice"] for s in seeds]
+        cells = [f"{runs[s]['best_mean_dice']:.3f} ({runs[s]['best_dice_per_class']['lesion']:.2f})" for s in seeds]
+        difference = statistics.mean(d - first[s]["best_mean_dice"] for s, d in zip(seeds, dice, strict=True))
+        lines.append(
+            f"| {variant} | {runs[seeds[0]]['epochs']} | {' | '.join(cells)} | {statistics.mean(dice):.3f} | "
+            f"{difference:+.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run every variant over every seed, print the table and write the report files."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (each its own split)")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="the first is the reference"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_make_train_seeds"), help="runs and results")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    runs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        metrics = list(pool.map(lambda run: make_train(*run, out, threads), runs))
+    results: dict[str, dict[int, dict[str, Any]]] = {variant: {} for variant in args.variants}
+    for (variant, seed), m in zip(runs, metrics, strict=True):
+        results[variant][seed] = m
+    info = machine()
+    report = "\n\n".join(
+        [
+            table(results, args.seeds),
+            "Cells: the kept model's validation mean Dice (lesion Dice) on the seed's 4 held-out cases. "
+            f"Machine: {info['cpu']}, {info['cpu_count']} CPU cores, {args.jobs} runs at a time with {threads} "
+            f"torch threads each; torch {info['torch']}, MONAI {info['monai']}; {info['date']}.",
+        ]
+    )
+    print(report)
+    (out / "make_train_seeds.md").write_text(report + "\n")
+    payload = {"results": results, "overrides": {v: VARIANTS[v] for v in args.variants}, "machine": info}
+    (out / "make_train_seeds.json").write_text(json.dumps(payload, indent=1))
+
+
+if __name__ == "__main__":
+    main()
