@@ -77,7 +77,7 @@ bench-dice-per-minute: install
 	$(PY) benchmarks/dice_per_minute.py --out runs/bench_dice_per_minute
 
 # `make train`'s recipe and variants of it over seeds 0, 1, 2 (each seed its own split, weights and draws): the
-# spread a recipe change must beat (runs/bench_make_train_seeds/make_train_seeds.md; about 50 min on 2 CPU cores)
+# spread a recipe change must beat (runs/bench_make_train_seeds/make_train_seeds.md; about 1 h on 2 CPU cores)
 .PHONY: bench-make-train-seeds
 bench-make-train-seeds: install
 	$(PY) benchmarks/make_train_seeds.py --out runs/bench_make_train_seeds

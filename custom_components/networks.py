@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.losses import DeepSupervisionLoss
 from monai.networks.nets import DynUNet, UNet
 from monai.networks.nets.dynunet import DynUNetSkipLayer
@@ -105,19 +106,29 @@ def dynunet(
 ARCHITECTURES = ("unet", "dynunet")  # the `architecture` key's choices
 
 
-def on_device(
-    network: nn.Module, device: str | torch.device, channels_last: bool, compiled: bool = False
-) -> nn.Module:
+def compile_forward(network: nn.Module) -> nn.Module:
+    """``network`` with its ``forward`` compiled by ``torch.compile`` (on its first call) and fed plain tensors:
+    TorchDynamo cannot trace MONAI's ``MetaTensor``, the trainer's input, so it is unwrapped before the compiled
+    code (outputs are plain tensors, as sliding-window inference already makes them). The module and its
+    state_dict keys stay as they are."""
+    compiled = torch.compile(network.forward)
+
+    def forward(*inputs: Any, **kwargs: Any) -> Any:
+        return compiled(*(x.as_tensor() if isinstance(x, MetaTensor) else x for x in inputs), **kwargs)
+
+    network.forward = forward
+    return network
+
+
+def on_device(network: nn.Module, device: str | torch.device, channels_last: bool, compiled: bool = False) -> nn.Module:
     """``network`` on ``device``, its convolution weights in channels-last layout when ``channels_last`` (oneDNN and
-    cuDNN then pick other kernels), compiled in place by ``torch.compile`` when ``compiled`` (on its first call).
-    Values, state_dict keys and shapes are unchanged: weights files load either way."""
+    cuDNN then pick other kernels), its forward compiled when ``compiled`` (``compile_forward``). Values,
+    state_dict keys and shapes are unchanged: weights files load either way."""
     network = network.to(device)
     if channels_last:
         dims = max((p.dim() for p in network.parameters()), default=0)
         network = network.to(memory_format=torch.channels_last_3d if dims == 5 else torch.channels_last)
-    if compiled:
-        network.compile()
-    return network
+    return compile_forward(network) if compiled else network
 
 
 def build_network(

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.networks.nets import DynUNet
 
 from custom_components import export, settings
@@ -90,10 +91,10 @@ def test_compile_runs_the_same_network_compiled() -> None:
         build_network("unet", spatial_dims=3, in_channels=1, out_channels=3, **keys), "cpu", False, True
     )
     compiled.load_state_dict(plain.state_dict())  # the same weights file either way
-    traced = []  # a hook's side effect: True when the forward ran in the compiled graph
+    traced = []  # a submodule hook's side effect: True when the forward ran in the compiled graph
     for network in (plain, compiled):
-        network.register_forward_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
-    image = torch.rand(1, 1, 16, 16, 16)
+        next(network.children()).register_forward_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
+    image = MetaTensor(torch.rand(1, 1, 16, 16, 16))  # what the trainer feeds it
     assert torch.allclose(plain.eval()(image), compiled.eval()(image), atol=1e-5)
     assert traced == [False, True]
 
