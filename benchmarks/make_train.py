@@ -41,16 +41,20 @@ def checkout(revision: str, folder: Path) -> Path:
     return folder
 
 
-def make_train(source: Path, out: Path, name: str) -> dict[str, Any]:
-    """``make train`` of the repository at ``source`` into ``out/name``; its metrics.json and the wall time."""
+def make_train(source: Path, out: Path, name: str, extra: str = "", threads: int | None = None) -> dict[str, Any]:
+    """``make train`` of the repository at ``source`` into ``out/name``, with ``extra`` as its ``TRAIN_EXTRA``
+    overrides and ``threads`` torch threads (default: torch's own); its metrics.json and the wall time."""
     run_dir, data_dir = out / name, out / f"{name}_data"
     shutil.rmtree(run_dir, ignore_errors=True)
     venv = Path(sys.executable).parent.parent  # this checkout's environment, installed by `make install`
     args = ["make", "-C", str(source), "train", f"VENV={venv}", f"TRAIN_OUT={run_dir}", f"TRAIN_DATA={data_dir}"]
+    args.append(f"TRAIN_EXTRA={extra}")
     # the install stamp taken as up to date: an archived pyproject.toml would otherwise reinstall the environment
     # with the earlier commit's package (PYTHONPATH below chooses the code)
     args += ["--old-file", str(venv / ".installed-stamp")]
     env = {**os.environ, "PYTHONPATH": str(source)}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log = out / f"{name}.log"
     start = time.perf_counter()
     with open(log, "w") as handle:

@@ -20,13 +20,12 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from make_train import make_train
 from throughput import machine
 
 from custom_components.paths import REPO_ROOT
@@ -51,21 +50,14 @@ def run_name(variant: str, seed: int) -> str:
     return f"{re.sub(r'[^a-z0-9]+', '_', variant.lower()).strip('_')}_s{seed}"
 
 
-def make_train(variant: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
-    """One ``make train`` of ``variant`` with ``seed`` into ``out``; its metrics.json (kept if already there)."""
-    run_dir = out / run_name(variant, seed)
-    metrics = run_dir / "metrics.json"
+def run(variant: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
+    """One ``make train`` of ``variant`` with ``seed`` into ``out`` (``make_train.make_train``); its metrics.json,
+    kept if already there. Each run writes its own copy of the data (runs overlap) and removes it after."""
+    name = run_name(variant, seed)
+    metrics = out / name / "metrics.json"
     if not metrics.is_file():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        data_dir = out / f"data_{run_name(variant, seed)}"  # each run its own copy: runs overlap
-        extra = f"--seed {seed} {VARIANTS[variant]} {QUIET}"
-        venv = Path(sys.executable).parent.parent
-        args = ["make", "-C", str(REPO_ROOT), "train", f"VENV={venv}", f"TRAIN_OUT={run_dir}"]
-        args += [f"TRAIN_DATA={data_dir}", f"TRAIN_EXTRA={extra}"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        with open(out / f"{run_name(variant, seed)}.log", "w") as log:
-            subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        make_train(REPO_ROOT, out, name, f"--seed {seed} {VARIANTS[variant]} {QUIET}", threads)
+        shutil.rmtree(out / f"{name}_data", ignore_errors=True)
         print(f"{variant}, seed {seed}: {json.loads(metrics.read_text())['best_mean_dice']:.3f}", flush=True)
     return json.loads(metrics.read_text())
 
@@ -102,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     runs = [(variant, seed) for variant in args.variants for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        metrics = list(pool.map(lambda run: make_train(*run, out, threads), runs))
+        metrics = list(pool.map(lambda r: run(*r, out, threads), runs))
     results: dict[str, dict[int, dict[str, Any]]] = {variant: {} for variant in args.variants}
     for (variant, seed), m in zip(runs, metrics, strict=True):
         results[variant][seed] = m

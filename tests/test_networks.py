@@ -86,9 +86,9 @@ def test_channels_last_changes_the_layout_not_the_network(dims: int, layout: tor
 def test_compile_runs_the_same_network_compiled() -> None:
     torch.manual_seed(0)
     keys = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "norm": "instance", "dropout": 0.0}
-    plain = on_device(build_network("unet", spatial_dims=3, in_channels=1, out_channels=3, **keys), "cpu", False)
-    compiled = on_device(
-        build_network("unet", spatial_dims=3, in_channels=1, out_channels=3, **keys), "cpu", False, True
+    plain, compiled = (
+        on_device(build_network("unet", spatial_dims=3, in_channels=1, out_channels=3, **keys), "cpu", False, c)
+        for c in (False, True)
     )
     compiled.load_state_dict(plain.state_dict())  # the same weights file either way
     traced = []  # a submodule hook's side effect: True when the forward ran in the compiled graph
