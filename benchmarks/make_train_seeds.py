@@ -41,6 +41,7 @@ VARIANTS: dict[str, str] = {
     "65 epochs, learning rate 0.006": "--max_epochs 65 --learning_rate 0.006",
     "65 epochs, learning rate 0.006, class weights": f"--max_epochs 65 --learning_rate 0.006 {CLASS_WEIGHTS}",
     "patch [64,64,16]": '--patch_size "[64,64,16]"',
+    "patch [64,64,32]": '--patch_size "[64,64,32]"',  # make train's recipe up to a017d8f
 }
 QUIET = "--progress_bar False"
 
@@ -59,22 +60,39 @@ def run(variant: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
         make_train(REPO_ROOT, out, name, f"--seed {seed} {VARIANTS[variant]} {QUIET}", threads)
         shutil.rmtree(out / f"{name}_data", ignore_errors=True)
         print(f"{variant}, seed {seed}: {json.loads(metrics.read_text())['best_mean_dice']:.3f}", flush=True)
-    return json.loads(metrics.read_text())
+    return {**json.loads(metrics.read_text()), "hd95": hd95(out / name)}
+
+
+def hd95(run_dir: Path) -> dict[str, float] | None:
+    """Per class, the mean HD95 (mm) over the validation cases of the run's end-of-run evaluation
+    (evaluation/evaluation.json, written with ``report`` on, ``make train``'s default); None without one."""
+    evaluation = run_dir / "evaluation" / "evaluation.json"
+    if not evaluation.is_file():
+        return None
+    return {name: scores["mean"] for name, scores in json.loads(evaluation.read_text())["summary"]["hd95"].items()}
 
 
 def table(results: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequence[int]) -> str:
-    """Markdown: one row per variant, the kept model's mean Dice (lesion) per seed, their mean and the paired
-    difference from the first variant (the same seeds, so the same splits)."""
-    head = "| variant | epochs | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | against the first |"
-    lines = [head, "|---" * (len(seeds) + 4) + "|"]
+    """Markdown: one row per variant, the kept model's mean Dice (lesion) per seed, their mean, the paired
+    difference from the first variant (the same seeds, so the same splits) and the HD95 per class averaged over the
+    seeds (where every seed's run has an evaluation)."""
+    head = "| variant | epochs | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | against the first "
+    head += "| HD95 mm (mean of seeds) |"
+    lines = [head, "|---" * (len(seeds) + 5) + "|"]
     first = next(iter(results.values()))
     for variant, runs in results.items():
         dice = [runs[s]["best_mean_dice"] for s in seeds]
         cells = [f"{runs[s]['best_mean_dice']:.3f} ({runs[s]['best_dice_per_class']['lesion']:.2f})" for s in seeds]
         difference = statistics.mean(d - first[s]["best_mean_dice"] for s, d in zip(seeds, dice, strict=True))
+        distances = [runs[s]["hd95"] for s in seeds]
+        hd95_cell = (
+            "–"
+            if None in distances
+            else ", ".join(f"{c} {statistics.mean(d[c] for d in distances):.1f}" for c in distances[0])
+        )
         lines.append(
             f"| {variant} | {runs[seeds[0]]['epochs']} | {' | '.join(cells)} | {statistics.mean(dice):.3f} | "
-            f"{difference:+.3f} |"
+            f"{difference:+.3f} | {hd95_cell} |"
         )
     return "\n".join(lines)
 
@@ -102,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = "\n\n".join(
         [
             table(results, args.seeds),
-            "Cells: the kept model's validation mean Dice (lesion Dice) on the seed's 4 held-out cases. "
+            "Cells: the kept model's validation mean Dice (lesion Dice) on the seed's 4 held-out cases; HD95: the "
+            "end-of-run evaluation's mean over those cases, averaged over the seeds. "
             f"Machine: {info['cpu']}, {info['cpu_count']} CPU cores, {args.jobs} runs at a time with {threads} "
             f"torch threads each; torch {info['torch']}, MONAI {info['monai']}; {info['date']}.",
         ]

@@ -108,9 +108,10 @@ ARCHITECTURES = ("unet", "dynunet")  # the `architecture` key's choices
 
 def compile_forward(network: nn.Module) -> nn.Module:
     """``network`` with its ``forward`` compiled by ``torch.compile`` (on its first call) and fed plain tensors:
-    TorchDynamo cannot trace MONAI's ``MetaTensor``, the trainer's input, so it is unwrapped before the compiled
-    code (outputs are plain tensors, as sliding-window inference already makes them). The module and its
-    state_dict keys stay as they are."""
+    TorchDynamo cannot trace MONAI's ``MetaTensor``, which a transform chain that keeps its metadata hands the
+    network (the bundles' training chain ends with ``drop_metadata``), so it is unwrapped before the compiled code
+    (outputs are plain tensors, as sliding-window inference makes them). The module and its state_dict keys stay
+    as they are."""
     compiled = torch.compile(network.forward)
 
     def forward(*inputs: Any, **kwargs: Any) -> Any:

@@ -9,6 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import set_rnd
 from monai.transforms import Compose, LoadImaged, Randomizable
@@ -25,6 +27,7 @@ from custom_components.data import (
 )
 from custom_components.handlers import epoch_seed
 from custom_components.synthetic import write_dataset
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,24 @@ def test_epoch_seeded_items_draw_alike_in_any_worker_and_in_persistent_ones() ->
     (first_order, first), (second_order, second) = in_process
     assert sorted(first_order) == list(range(6)) and first_order != second_order  # each epoch its own order
     assert len(set(first)) == 6 and set(first).isdisjoint(second)  # a draw per item, others in the next epoch
+
+
+@pytest.mark.parametrize("bundle", ["unet3d", "unet2d"])
+def test_training_batches_carry_plain_tensors(bundle: str, tiny: Path, tmp_path: Path) -> None:
+    # MONAI's metadata rides with each patch until the last training transform, which drops it: a batch crosses
+    # from the workers as its image and label alone
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.yaml"))
+    patch = [16, 16, 8] if bundle == "unet3d" else [16, 16]
+    parser.update({"dataset_dir": str(tiny), "output_dir": str(tmp_path / "run"), "cache_rate": 0.0})
+    parser.update({"patch_size": patch, "spacing": [0.8, 0.8, 2.5 if bundle == "unet3d" else -1], "num_workers": 0})
+    parser["bundle_root"] = str(REPO / "bundles" / bundle)  # a parser built by hand names its bundle
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    assert set(batch) == {"image", "label"}
+    patches = parser.get_parsed_content("batch_size") * parser.get_parsed_content("num_samples")
+    for key in ("image", "label"):
+        assert type(batch[key]) is torch.Tensor and batch[key].shape == (patches, 1, *patch)
+    assert set(torch.unique(batch["label"]).tolist()) <= {0.0, 1.0, 2.0}
 
 
 def test_missing_dataset_dir(tmp_path: Path) -> None:
