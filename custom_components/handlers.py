@@ -325,6 +325,10 @@ class TrainingReport:
         self.best: dict[str, Any] = {}
         self.wall_time = 0.0
         self.iterations = 0
+        # seconds inside the trainer's iterations, the rest of training being overhead (None: resumed from a checkpoint
+        # that did not record it)
+        self.iteration_time: float | None = 0.0
+        self._iteration_start = 0.0
         self._loss_sum = 0.0
         self._loss_count = 0
         self._epoch_start = 0.0
@@ -342,6 +346,7 @@ class TrainingReport:
             "best": self.best,
             "wall_time": self.wall_time,
             "iterations": self.iterations,
+            "iteration_time": self.iteration_time,
             "stopped": self.stopped,
             "training_time": self.training_time,
         }
@@ -351,6 +356,7 @@ class TrainingReport:
         self.best = dict(state["best"])
         self.wall_time = float(state["wall_time"])
         self.iterations = int(state["iterations"])
+        self.iteration_time = state.get("iteration_time")
         self.stopped = state.get("stopped")
         self._time_before = self.training_time = float(state.get("training_time", state["wall_time"]))
 
@@ -359,6 +365,7 @@ class TrainingReport:
             return
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.TERMINATE, self._terminated)
         self.evaluator.add_event_handler(Events.COMPLETED, self._validated)
@@ -373,7 +380,12 @@ class TrainingReport:
         self._epoch_start = time.perf_counter()
         self._learning_rate = engine.optimizer.param_groups[0]["lr"] if hasattr(engine, "optimizer") else None
 
+    def _iteration_started(self, engine: Engine) -> None:
+        self._iteration_start = time.perf_counter()  # the batch is loaded: the step starts
+
     def _iteration_completed(self, engine: Engine) -> None:
+        if self.iteration_time is not None:
+            self.iteration_time += time.perf_counter() - self._iteration_start
         output = engine.state.output
         items = output if isinstance(output, list) else [output]
         for item in items:
@@ -413,6 +425,12 @@ class TrainingReport:
         self.stopped = getattr(engine.state, "stop_reason", None) or "terminated before max_epochs"
         self.write(engine)
 
+    def _overhead_share(self) -> float | None:
+        """1 - time in iterations / training time; None before training or when a resumed checkpoint lacked it."""
+        if self.iteration_time is None or not self.training_time:
+            return None
+        return round(1 - self.iteration_time / self.training_time, 4)
+
     def _dice_per_class(self, row: Mapping[str, Any]) -> dict[str, float]:
         return {name: row[f"dice_{name}"] for name in self.class_names if f"dice_{name}" in row}
 
@@ -439,6 +457,9 @@ class TrainingReport:
             "wall_time_s": round(self.wall_time, 3),
             "training_time_s": round(self.training_time, 3),  # since the trainer started: what time_budget_min limits
             "seconds_per_iteration": round(self.wall_time / max(self.iterations, 1), 4),
+            # the share of training_time_s outside the iterations' steps (forward, loss, backward, optimiser step):
+            # waits for data, validation, checkpoints, epoch ends
+            "overhead_share": self._overhead_share(),
             "peak_memory_mb": round(peak_mb, 1),
             "memory_kind": "cuda_allocated" if torch.device(device).type == "cuda" else "process_rss",
             "parameters": sum(p.numel() for p in self.network.parameters()),

@@ -34,6 +34,8 @@ def test_user_command_writes_outputs(run3d: Path) -> None:
     assert set(metrics["best_dice_per_class"]) == {"organ", "lesion"}
     assert 0.0 <= metrics["best_mean_dice"] <= 1.0
     assert metrics["parameters"] > 0 and metrics["seconds_per_iteration"] > 0
+    # the steps were timed: 2 short epochs, each validated, spend much of their time outside them but not all
+    assert 0.05 < metrics["overhead_share"] < 0.95, metrics["overhead_share"]
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
