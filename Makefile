@@ -11,7 +11,7 @@ TRAIN_CASES ?= 16
 # more bundle overrides after TRAIN_OVERRIDES (the later of two equal keys wins), e.g. TRAIN_EXTRA="--seed 1"
 TRAIN_EXTRA ?=
 # lesions are a few voxels wide: keep 1.2 mm in-plane and centre 3 of 5 patches on them; 24 slices (60 mm of the
-# 100) train in 0.8x the time of 32 with a better Dice and organ HD95 over 3 seeds; channels-last weights make this
+# 100) take 0.7x the step time of 32 with a better Dice and organ HD95 over 3 seeds; channels-last weights make this
 # small network's step 13% faster on CPU (bundles/unet3d/docs/README.md)
 TRAIN_OVERRIDES ?= --spacing "[1.2,1.2,2.5]" --patch_size "[64,64,24]" --channels "[16,32,64,128]" \
 	--strides "[2,2,2]" --patch_class_ratios "[1,1,3]" --max_epochs 100 --val_interval 10 --warmup_epochs 3 \

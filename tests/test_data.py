@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import set_rnd
 from monai.transforms import Compose, LoadImaged, Randomizable
@@ -26,6 +25,7 @@ from custom_components.data import (
     split_datalist,
 )
 from custom_components.handlers import epoch_seed
+from custom_components.planning import bundle_parser
 from custom_components.synthetic import write_dataset
 from tests.conftest import REPO
 
@@ -99,12 +99,10 @@ def test_epoch_seeded_items_draw_alike_in_any_worker_and_in_persistent_ones() ->
 def test_training_batches_carry_plain_tensors(bundle: str, tiny: Path, tmp_path: Path) -> None:
     # MONAI's metadata rides with each patch until the last training transform, which drops it: a batch crosses
     # from the workers as its image and label alone
-    parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.yaml"))
     patch = [16, 16, 8] if bundle == "unet3d" else [16, 16]
-    parser.update({"dataset_dir": str(tiny), "output_dir": str(tmp_path / "run"), "cache_rate": 0.0})
-    parser.update({"patch_size": patch, "spacing": [0.8, 0.8, 2.5 if bundle == "unet3d" else -1], "num_workers": 0})
-    parser["bundle_root"] = str(REPO / "bundles" / bundle)  # a parser built by hand names its bundle
+    overrides = {"dataset_dir": str(tiny), "output_dir": str(tmp_path / "run"), "cache_rate": 0.0, "num_workers": 0}
+    overrides.update(patch_size=patch, spacing=[0.8, 0.8, 2.5 if bundle == "unet3d" else -1])
+    parser = bundle_parser(REPO / "bundles" / bundle / "configs" / "train.yaml", overrides)
     batch = next(iter(parser.get_parsed_content("train#dataloader")))
     assert set(batch) == {"image", "label"}
     patches = parser.get_parsed_content("batch_size") * parser.get_parsed_content("num_samples")
