@@ -42,6 +42,7 @@ VARIANTS: dict[str, str] = {
     "65 epochs, learning rate 0.006, class weights": f"--max_epochs 65 --learning_rate 0.006 {CLASS_WEIGHTS}",
     "patch [64,64,16]": '--patch_size "[64,64,16]"',
     "patch [64,64,32]": '--patch_size "[64,64,32]"',  # make train's recipe up to a017d8f
+    "Dice + cross-entropy": "--loss dice_ce",  # nnU-Net's loss instead of the default dice_focal
 }
 QUIET = "--progress_bar False"
 

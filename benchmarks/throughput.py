@@ -131,24 +131,25 @@ def make_step(network: torch.nn.Module, loss_function: Callable, optimizer: torc
 
 def time_pipeline(loader: Sequence, step: Callable, iterations: int) -> dict[str, Any]:
     """Train ``iterations`` iterations fed by ``loader``, epoch after epoch, timing each step and the wait for each
-    batch. An epoch's first batch (its workers start then) counts apart, as a per-epoch cost."""
+    batch. One iterator serves every epoch, as in the bundles' training (their sampler runs on across epochs); an
+    epoch's first batch counts apart, as a per-epoch cost."""
     if len(loader) < 2:
         raise ValueError(f"{len(loader)} batch per epoch: no steady iteration to time (use more cases)")
     first_waits: list[float] = []
     waits: list[float] = []
     steps: list[float] = []
-    while len(steps) < iterations or not waits:
-        batches = iter(loader)
-        for index in range(len(loader)):
-            start = time.perf_counter()
-            batch = next(batches)
-            fetched = time.perf_counter()
-            step(batch["image"], batch["label"])
-            steps.append(time.perf_counter() - fetched)
-            (waits if index else first_waits).append(fetched - start)
-            if len(steps) == iterations and waits:
-                break
-        del batches  # its workers end here, as at the end of a training epoch
+    batches = iter(loader)
+    while len(steps) < max(iterations, len(loader) + 1):  # at least one epoch's first batch after the run's first
+        start = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:  # a loader that ends with its epoch (a plain shuffling one): start the next epoch
+            batches = iter(loader)
+            continue
+        fetched = time.perf_counter()
+        step(batch["image"], batch["label"])
+        steps.append(time.perf_counter() - fetched)
+        (waits if len(steps) % len(loader) != 1 else first_waits).append(fetched - start)
+    del batches
     wait, step_seconds = statistics.fmean(waits), statistics.fmean(steps)
     return {
         "seconds_per_iteration": wait + step_seconds,

@@ -8,6 +8,7 @@ traceback from deep inside MONAI. ``python -m custom_components.prepare check`` 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import multiprocessing
@@ -30,7 +31,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import set_rnd
 from monai.utils import MAX_SEED
 
-from custom_components.handlers import remove_stale_temporaries
+from custom_components.handlers import epoch_seed, remove_stale_temporaries
 from custom_components.imageio import IMAGE_SUFFIXES, PLANAR_SUFFIXES, ImageReadError, read_header, read_image
 from custom_components.imageio import NIFTI_SUFFIXES as NIFTI_SUFFIXES  # re-exported for `from ..data import`
 
@@ -434,19 +435,30 @@ def make_dataset(
     return CacheDataset(data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers or None)
 
 
+def in_memory_workers(dataset: Dataset, num_workers: int) -> int:
+    """Loader workers for a dataset read again and again (validation): none when every item is already in memory
+    (a ``CacheDataset`` holding all of them and no random transform after the cache), where workers would only add
+    their start and the transfer of each item to this process, else ``num_workers``."""
+    fully_cached = isinstance(dataset, CacheDataset) and dataset.cache_num == len(dataset)
+    return 0 if fully_cached else num_workers
+
+
 class EpochSeededDataset(torch.utils.data.Dataset):
     """``dataset`` whose random transforms draw each item from a seed of (the epoch's seed, the item's index).
 
-    Which worker process loads an item, and whether the workers live across epochs (``persistent_workers``, which
-    saves starting them every epoch), then changes no random draw: an epoch draws the same patches and augmentations
-    in a resumed run as in an uninterrupted one. The epoch's seed is set in the main process (``set_random_state``,
-    which ``ResumableCheckpoint`` reaches through MONAI's ``set_rnd`` at every epoch start) and read by the workers
-    from shared memory; a worker's own seeding (MONAI's ``worker_init_fn``) is ignored.
+    Which worker process loads an item, when, and whether the workers live across epochs then changes no random
+    draw: an epoch draws the same patches and augmentations in a resumed run as in an uninterrupted one. An index
+    from :class:`EpochSeededSampler` is a pair (the epoch's seed, the item's index), so a worker may load the next
+    epoch's items while this one ends. A plain index (a distributed sampler's) takes the current epoch's seed, set
+    in the main process (``set_random_state``, which ``ResumableCheckpoint`` reaches through MONAI's ``set_rnd`` at
+    every epoch start, with the epoch through ``set_epoch``) and read by the workers from shared memory; a worker's
+    own seeding (MONAI's ``worker_init_fn``) is ignored.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset) -> None:
         self.dataset = dataset
         self._epoch_seed = multiprocessing.RawValue("q", 0)  # shared with forked (or spawned) workers
+        self.epoch = 1  # the trainer's current epoch: where an EpochSeededSampler starts
 
     @property
     def epoch_seed(self) -> int:
@@ -460,27 +472,39 @@ class EpochSeededDataset(torch.utils.data.Dataset):
             self._epoch_seed.value = int(seed or 0)
         return self
 
-    def __getitem__(self, index: int) -> Any:
-        item_seed = int(np.random.SeedSequence([self.epoch_seed, 0, int(index)]).generate_state(1)[0])
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> Any:
+        seed, index = index if isinstance(index, tuple) else (self.epoch_seed, index)
+        item_seed = int(np.random.SeedSequence([seed, 0, int(index)]).generate_state(1)[0])
         set_rnd(self.dataset, item_seed % MAX_SEED)
         return self.dataset[index]
 
 
-class EpochSeededSampler(torch.utils.data.Sampler[int]):
-    """Every index of an ``EpochSeededDataset`` once per epoch, in an order drawn from the epoch's seed alone.
+class EpochSeededSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """Epoch after epoch without end, from the trainer's current epoch: every index of an ``EpochSeededDataset``
+    once per epoch, in an order drawn from the epoch's seed (``handlers.epoch_seed`` of ``seed`` and the epoch), as
+    (the epoch's seed, index) pairs.
 
-    Not from torch's global generator (as a shuffling ``DataLoader`` does), which the start of a loader's workers
-    also draws from: workers that live across epochs would otherwise shuffle differently from restarted ones.
+    Its length is one epoch (the trainer's epoch length). Not ending, the loader's iterator lives across epochs
+    (the trainer continues it), so the workers prepare the next epoch's first batches during this epoch's end and
+    validation instead of after them. The order is not drawn from torch's global generator (as a shuffling
+    ``DataLoader`` does), which the start of a loader's workers also draws from.
     """
 
-    def __init__(self, dataset: EpochSeededDataset) -> None:
+    def __init__(self, dataset: EpochSeededDataset, seed: int) -> None:
         self.dataset = dataset
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.dataset.epoch_seed, 1]).permutation(len(self.dataset)).tolist())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for epoch in itertools.count(self.dataset.epoch):
+            seed = epoch_seed(self.seed, epoch)
+            order = np.random.default_rng([seed, 1]).permutation(len(self.dataset)).tolist()
+            yield from ((seed, index) for index in order)
 
 
 def image_spatial_dims(path: str | Path) -> int:

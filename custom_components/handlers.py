@@ -224,6 +224,8 @@ class ResumableCheckpoint:
         random.seed(seed)
         if self.dataset is not None:
             set_rnd(self.dataset, seed)
+            if hasattr(self.dataset, "set_epoch"):  # an EpochSeededDataset: where its sampler starts
+                self.dataset.set_epoch(engine.state.epoch)
 
     def _save_last(self, engine: Engine) -> None:
         """Register the save when the run starts, after every handler was attached: it then runs last at each

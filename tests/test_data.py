@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import namedtuple
 from pathlib import Path
@@ -10,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine, Events
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import set_rnd
 from monai.transforms import Compose, LoadImaged, Randomizable
@@ -24,7 +26,7 @@ from custom_components.data import (
     make_dataset,
     split_datalist,
 )
-from custom_components.handlers import epoch_seed
+from custom_components.handlers import ResumableCheckpoint, epoch_seed
 from custom_components.planning import bundle_parser
 from custom_components.synthetic import write_dataset
 from tests.conftest import REPO
@@ -75,24 +77,69 @@ class _Draw(Randomizable):
         return float(self.R.random())
 
 
-def test_epoch_seeded_items_draw_alike_in_any_worker_and_in_persistent_ones() -> None:
-    def draws(num_workers: int, persistent: bool, first_epoch: int = 1) -> list[tuple[list[int], list[float]]]:
-        """Per epoch: the order of the items and each one's draw, as a run started at ``first_epoch`` sees them."""
-        dataset = EpochSeededDataset(Dataset(list(range(6)), transform=Compose([_Draw()])))
-        sampler = EpochSeededSampler(dataset)
-        loader = DataLoader(dataset, num_workers, batch_size=2, sampler=sampler, persistent_workers=persistent)
-        epochs = []
-        for epoch in range(first_epoch, 3):
-            set_rnd(dataset, epoch_seed(0, epoch))  # what ResumableCheckpoint does at every epoch start
-            epochs.append((list(sampler), [float(value) for batch in loader for value in batch]))
-        return epochs
+def _seeded_items() -> EpochSeededDataset:
+    return EpochSeededDataset(Dataset(list(range(6)), transform=Compose([_Draw()])))
 
-    in_process = draws(0, False)
-    assert draws(2, True) == draws(2, False) == in_process  # whichever process draws, and however long it lives
-    assert draws(2, True, first_epoch=2) == in_process[1:]  # a run resumed at epoch 2
+
+def _epochs(items: list[float], order: list[tuple[int, int]]) -> list[tuple[list[int], list[float]]]:
+    """Per epoch of 6 items: the order of the items and each one's draw."""
+    return [([index for _, index in order[k : k + 6]], items[k : k + 6]) for k in range(0, len(items), 6)]
+
+
+def test_epoch_seeded_items_draw_alike_in_any_worker_and_after_a_resume() -> None:
+    def draws(num_workers: int, first_epoch: int = 1) -> list[tuple[list[int], list[float]]]:
+        """Epochs first_epoch..2 as a run started (or resumed) at ``first_epoch`` draws them."""
+        dataset = _seeded_items()
+        dataset.set_epoch(first_epoch)  # what ResumableCheckpoint does at every epoch start
+        sampler = EpochSeededSampler(dataset, seed=0)
+        loader = DataLoader(dataset, num_workers, batch_size=2, sampler=sampler)
+        batches = itertools.islice(loader, len(loader) * (3 - first_epoch))  # the sampler runs on across epochs
+        order = list(itertools.islice(sampler, 6 * (3 - first_epoch)))
+        return _epochs([float(value) for batch in batches for value in batch], order)
+
+    in_process = draws(0)
+    assert draws(2) == in_process  # whichever process draws
+    assert draws(2, first_epoch=2) == in_process[1:]  # a run resumed at epoch 2
     (first_order, first), (second_order, second) = in_process
     assert sorted(first_order) == list(range(6)) and first_order != second_order  # each epoch its own order
     assert len(set(first)) == 6 and set(first).isdisjoint(second)  # a draw per item, others in the next epoch
+    dataset = _seeded_items()
+    set_rnd(dataset, epoch_seed(0, 2))  # a distributed sampler's plain indices take the current epoch's seed
+    assert [dataset[index] for index in second_order] == second
+
+
+def test_a_trainer_continues_the_loader_across_epochs(tmp_path: Path) -> None:
+    # one iterator for the whole run: the workers prepare the next epoch's batches while an epoch ends, and each
+    # epoch still gets its own items and draws
+    class CountedSampler(EpochSeededSampler):
+        starts = 0
+
+        def __iter__(self):  # noqa: ANN204
+            self.starts += 1
+            return super().__iter__()
+
+    dataset = _seeded_items()
+    sampler = CountedSampler(dataset, seed=0)
+    loader = DataLoader(dataset, 2, batch_size=2, sampler=sampler, persistent_workers=False)
+    trainer = Engine(lambda engine, batch: batch.tolist())
+    ResumableCheckpoint(tmp_path / "checkpoint.pt", {}, enabled=False, seed=0, dataset=dataset).attach(trainer)
+    items: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: items.extend(engine.state.output))
+    trainer.run(loader, max_epochs=3)
+    assert sampler.starts == 1 and len(items) == 18
+    order = list(itertools.islice(EpochSeededSampler(_seeded_items(), seed=0), 18))
+    reference = [float(_seeded_items()[pair]) for pair in order]
+    assert _epochs(items, order) == _epochs(reference, order)
+
+
+def test_validation_reads_cached_cases_in_process(tiny: Path, tmp_path: Path) -> None:
+    # every case in memory: no worker would have anything to load; otherwise num_workers, kept between validations
+    overrides = {"dataset_dir": str(tiny), "output_dir": str(tmp_path / "run"), "num_workers": 2}
+    overrides.update(patch_size=[16, 16, 8], spacing=[0.8, 0.8, 2.5])
+    for cache_rate, workers in ((1.0, 0), (0.5, 2), (0.0, 2)):
+        parser = bundle_parser(REPO / "bundles/unet3d/configs/train.yaml", {**overrides, "cache_rate": cache_rate})
+        loader = parser.get_parsed_content("validate#dataloader")
+        assert (loader.num_workers, loader.persistent_workers) == (workers, workers > 0), cache_rate
 
 
 @pytest.mark.parametrize("bundle", ["unet3d", "unet2d"])
