@@ -108,9 +108,14 @@ def class_names(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def table(results: Mapping[str, Mapping[str, Any]], minutes: Sequence[float]) -> str:
-    """Markdown: mean Dice (organ / lesion) per configuration and budget, then the epochs each budget bought."""
+    """Markdown: mean Dice (organ / lesion) per configuration and budget, the budget's best in bold, then the
+    epochs each budget bought."""
     head = "| configuration | " + " | ".join(f"{m:g} min" for m in minutes) + " |"
     lines = [head, "|---" * (len(minutes) + 1) + "|"]
+    best = {
+        m: max((runs[f"{m:g}"]["best_mean_dice"] for runs in results.values() if f"{m:g}" in runs), default=None)
+        for m in minutes
+    }
     for name, runs in results.items():
         cells = []
         for m in minutes:
@@ -119,7 +124,10 @@ def table(results: Mapping[str, Mapping[str, Any]], minutes: Sequence[float]) ->
                 cells.append("")
                 continue
             per_class = " / ".join(f"{d:.2f}" for d in run["best_dice_per_class"].values())
-            cells.append(f"**{run['best_mean_dice']:.3f}** ({per_class}), {run['epochs']} ep")
+            dice = f"{run['best_mean_dice']:.3f}"
+            cells.append(
+                f"{f'**{dice}**' if run['best_mean_dice'] == best[m] else dice} ({per_class}), {run['epochs']} ep"
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
