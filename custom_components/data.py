@@ -436,9 +436,9 @@ def make_dataset(
 
 
 def in_memory_workers(dataset: Dataset, num_workers: int) -> int:
-    """Loader workers for a dataset read again and again (validation): none when every item is already in memory
-    (a ``CacheDataset`` holding all of them and no random transform after the cache), where workers would only add
-    their start and the transfer of each item to this process, else ``num_workers``."""
+    """Loader workers for a dataset read again and again (validation): none when a ``CacheDataset`` holds every
+    item in memory, where workers would only add their start and the transfer of each item to this process, else
+    ``num_workers``."""
     fully_cached = isinstance(dataset, CacheDataset) and dataset.cache_num == len(dataset)
     return 0 if fully_cached else num_workers
 
