@@ -190,6 +190,28 @@ def test_without_validation_model_pt_is_the_last_epoch(tmp_path: Path) -> None:
     assert (tmp_path / "learning_curve.png").is_file()
 
 
+def test_learning_curve_png_drawn_at_most_every_plot_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validated every epoch, a fast run draws its PNG after the first epoch, once the interval has passed, and at
+    the end; the CSV and metrics.json still follow every epoch."""
+    network = torch.nn.Linear(2, 2)
+    now = [0.0]
+    monkeypatch.setattr(handlers.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(handlers, "PLOT_INTERVAL_S", 12.0)
+    trainer = Engine(lambda engine, batch: {"loss": 0.5})
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: now.__setitem__(0, now[0] + 5.0))  # 5 s epochs
+    evaluator = Engine(lambda engine, batch: None)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: engine.state.metrics.update(val_mean_dice=0.5))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: evaluator.run([0], max_epochs=engine.state.epoch))
+    report = TrainingReport(tmp_path, evaluator, network, ["organ"])
+    drawn = []
+    monkeypatch.setattr(report, "_plot", lambda: drawn.append(len(report.history)))
+    report.attach(trainer)
+    trainer.run([0, 1], max_epochs=8)
+    assert drawn == [1, 4, 7, 8]  # 15 s apart, the first 12 s after a drawing; the last epoch is always drawn
+    assert read_metrics(tmp_path)["epochs"] == 8 and len(report.history) == 8
+    assert sum(1 for row in report.history if "val_mean_dice" in row) == 8
+
+
 def test_num_folds_1_split_and_evaluation(dataset3d: Path, tmp_path: Path) -> None:
     """Every case trains, none validates: on its own dataset evaluation is refused, on another it scores them all."""
     description = load_dataset_json(dataset3d)
