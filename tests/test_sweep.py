@@ -18,6 +18,7 @@ import pytest
 import yaml
 from monai.bundle import ConfigParser
 
+from custom_components.sweep import study as study_module
 from custom_components.sweep.__main__ import main
 from custom_components.sweep.space import parse_space
 from custom_components.sweep.study import room_for_trial, surplus
@@ -58,17 +59,27 @@ def start(command: list[str], log: Path) -> subprocess.Popen:
         )
 
 
+def training(log: Path) -> bool:
+    """Whether the sweep process logging to ``log`` is training a trial: its last trial started and has not ended."""
+    text = log.read_text()
+    started = re.findall(r"trial (\d+): started", text)
+    return bool(started) and not re.search(rf"trial {started[-1]}: (finished|pruned|failed)", text)
+
+
 @pytest.fixture(scope="module")
 def shared(dataset3d: Path, tmp_path_factory: pytest.TempPathFactory) -> SharedSweep:
-    """Processes A and B start the same sweep on one SQLite study; A is killed (its whole process group) once a
-    trial has finished and started again as A2; B and A2 complete the study."""
+    """Processes A and B start the same sweep on one SQLite study; once a trial has finished, A is killed (its whole
+    process group) while it trains a trial, and started again as A2; B and A2 complete the study. (A process killed
+    between trials, before its next trial's first heartbeat, is `test_a_trial_that_never_beat_is_failed_...`.)"""
     output = tmp_path_factory.mktemp("sweep") / "out"
     logs = {name: output.parent / f"{name}.log" for name in ("A", "B", "A2")}
     command = sweep_command(dataset3d, output)
     a, b = start(command, logs["A"]), start(command, logs["B"])
     deadline = time.monotonic() + 300
-    while not any("finished, Dice" in logs[name].read_text() for name in ("A", "B")):
-        assert time.monotonic() < deadline and b.poll() is None, logs["B"].read_text()[-3000:]
+    while not (any("finished, Dice" in logs[name].read_text() for name in ("A", "B")) and training(logs["A"])):
+        assert time.monotonic() < deadline and a.poll() is None and b.poll() is None, [
+            logs[name].read_text()[-3000:] for name in ("A", "B")
+        ]
         time.sleep(0.5)
     os.killpg(a.pid, signal.SIGKILL)
     a.wait()
@@ -101,7 +112,7 @@ def test_processes_share_the_study(shared: SharedSweep) -> None:
     started = [int(n) for log in shared.logs.values() for n in re.findall(r"trial (\d+): started", log)]
     trials = {trial.number: trial for trial in shared.study.get_trials()}
     assert len(started) == len(set(started)) and set(started) <= set(trials)  # no trial run twice
-    for number, trial in trials.items():  # one the killed process created but had not started yet: failed, not run
+    for number, trial in trials.items():  # a surplus one (both processes asked at once): failed, not run
         assert number in started or trial.state == optuna.trial.TrialState.FAIL, number
     assert re.search(r"trial \d+: started", shared.logs["A"]) and re.search(r"trial \d+: started", shared.logs["B"])
     folders = sorted(path.name for path in shared.output.glob("trial_*"))
@@ -235,3 +246,23 @@ def test_trials_are_counted_over_the_study() -> None:
     running = study.ask()
     assert not room_for_trial(study, 2) and room_for_trial(study, 4)
     assert surplus(study, running.number, 2) and not surplus(study, running.number, 3)
+
+
+def test_a_trial_that_never_beat_is_failed_and_queued_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed between creating its trial and that trial's first heartbeat leaves it RUNNING with no
+    heartbeat, which Optuna never counts stale: seen so for UNBEATEN_S, it is failed and queued once more, and the
+    waiting process goes on; a trial whose heartbeat is fresh keeps running."""
+    monkeypatch.setattr(study_module, "UNBEATEN_S", 0.2)
+    monkeypatch.setattr(study_module, "WAIT_S", 0.05)
+    study = study_module.open_study(study_module.storage_url(tmp_path, None), "sweep")
+    space = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    silent, beating = study.ask(space), study.ask(space)
+    study._storage.record_heartbeat(beating._trial_id)
+    study_module.fail_stale(study)
+    assert [trial.state.name for trial in study.get_trials()] == ["RUNNING", "RUNNING"]
+    started = time.monotonic()
+    assert room_for_trial(study, 2)  # it waited for the silent trial to go stale, then has room for one
+    assert 0.2 <= time.monotonic() - started < 10
+    trials = study.get_trials()
+    assert [trial.state.name for trial in trials] == ["FAIL", "RUNNING", "WAITING"]
+    assert trials[2].params == silent.params  # queued once more with the same settings

@@ -15,10 +15,12 @@ from typing import Any
 
 import optuna
 import sqlalchemy.exc
+import sqlalchemy.orm
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, GridSampler, TPESampler
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb.models import TrialModel
 from optuna.trial import FrozenTrial, TrialState
 
 from custom_components.bundle import changed_options
@@ -32,6 +34,9 @@ OPTIONS_ATTR = "options"  # study user attr: what the sweep was started with (da
 # it is marked FAIL and queued once more with the same settings (a new trial number, so a new folder).
 HEARTBEAT_S = 5
 GRACE_S = 15
+# A process killed between creating its trial and the first heartbeat leaves a RUNNING trial with no heartbeat, which
+# Optuna never counts stale: it is failed (and queued once more) once a process has seen it so for UNBEATEN_S.
+UNBEATEN_S = 2 * GRACE_S
 WAIT_S = 2.0  # how often a process with nothing to start looks again at the trials others are running
 SQLITE_TIMEOUT_S = 60  # how long a SQLite write waits for another process's
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts
@@ -56,6 +61,29 @@ def shown_url(url: str) -> str:
     return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
+class SweepStorage(RDBStorage):
+    """Optuna's RDB storage whose stale trials also include RUNNING trials that never wrote a heartbeat for
+    :data:`UNBEATEN_S` of this process's watch (its own clock: the machines' clocks may differ)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unbeaten_since: dict[int, float] = {}  # trial id -> when this process first saw it without a heartbeat
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        with sqlalchemy.orm.Session(self.engine) as session:
+            unbeaten = session.scalars(
+                sqlalchemy.select(TrialModel.trial_id).where(
+                    TrialModel.study_id == study_id,
+                    TrialModel.state == TrialState.RUNNING,
+                    ~TrialModel.heartbeats.any(),
+                )
+            ).all()
+        now = time.monotonic()
+        self._unbeaten_since = {trial: self._unbeaten_since.get(trial, now) for trial in unbeaten}
+        silent = [trial for trial, since in self._unbeaten_since.items() if now - since >= UNBEATEN_S]
+        return super()._get_stale_trial_ids(study_id) + silent
+
+
 def open_storage(url: str, attempts: int = 3) -> RDBStorage:
     """The storage with Optuna's heartbeat on; retried, as processes starting together race to create its tables."""
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
@@ -63,7 +91,7 @@ def open_storage(url: str, attempts: int = 3) -> RDBStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
-                return RDBStorage(
+                return SweepStorage(
                     url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=HEARTBEAT_S,
