@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import itk
 import nibabel as nib
 import numpy as np
 from monai.data import ITKReader
@@ -99,6 +98,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _itk_header(path: Path) -> ImageHeader:
     """Shape and affine of one file ITK reads, from its header: the geometry ``ITKReader`` gives, without voxels."""
+    import itk  # only for the formats nibabel and Pillow do not read
+
     io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
     if io is None:
         raise ValueError("no ITK reader recognises the file")

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import itk
 import nibabel as nib
 import numpy as np
 import torch
@@ -58,6 +57,8 @@ def _case_of(name: str) -> str | None:
 
 def _series_names(folder: Path) -> Any:
     """GDCM's grouping of the DICOM files in ``folder`` into series, as MONAI's ITKReader groups them."""
+    import itk  # DICOM only
+
     names = itk.GDCMSeriesFileNames.New()
     names.SetUseSeriesDetails(True)
     names.AddSeriesRestriction("0008|0021")  # series date
@@ -142,6 +143,8 @@ def _modality(folder: Path, cases: dict[str, Path]) -> str:
     """A channel's modality from its first DICOM series' Modality tag; 'unknown' (with a warning) without DICOM."""
     series = next((path for path in cases.values() if path.is_dir()), None)
     if series is not None:
+        import itk  # DICOM only
+
         io = itk.GDCMImageIO.New()
         io.SetFileName(_dicom_files(series)[0])
         io.ReadImageInformation()
