@@ -12,12 +12,15 @@ training cases and one among the four validation cases (``splits.json``). The co
 - ``3D defaults``: bundles/unet3d as it ships;
 - ``3D plan, unet`` and ``3D plan, dynunet``: bundles/unet3d with ``prepare plan``'s file (``planning.make_plan``,
   ``--set architecture=dynunet`` for the second), the user's workflow;
+- ``3D plan, dynunet, deep supervision``: the dynunet plan with ``deep_supervision: true`` (nnU-Net's training);
 - ``2D defaults``: bundles/unet2d as it ships;
 - ``3D plan, unet, compiled`` and ``3D plan, dynunet, compiled``: the two plans with ``compile: true`` (the network
   compiled by ``torch.compile``, its compile time inside the budget).
 
-Every run also uses two data-loading workers and no per-iteration log. The Conv3d peak of the machine is measured
-in the same run (``throughput.conv_peak``) so that readers can scale the minutes to theirs. A killed benchmark run
+Every run trains where the bundle's ``device`` key puts it (the first GPU when there is one), and the plans measure
+their steps there (``prepare plan --device cuda`` on a GPU machine); it uses the bundle's four data-loading workers
+(one a core on a machine of fewer cores) and no per-iteration log. The Conv3d peak of the CPU is measured in the same
+run (``throughput.conv_peak``) so that readers can scale the minutes to theirs. A killed benchmark run
 again with the same options keeps the runs it finished. Run from the repository root:
 
     python benchmarks/dice_per_minute.py [--minutes 1 2 5 10] [--configs NAME ...] [--out runs/bench_dice_per_minute]
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -39,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from throughput import conv_peak, machine
 
 from custom_components.bundle import bundle_command
@@ -56,11 +61,16 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
     "3D defaults": ("unet3d", None, {}),
     "3D plan, unet": ("unet3d", {}, {}),
     "3D plan, dynunet": ("unet3d", {"architecture": "dynunet"}, {}),
+    "3D plan, dynunet, deep supervision": ("unet3d", {"architecture": "dynunet"}, {"deep_supervision": True}),
     "2D defaults": ("unet2d", None, {}),
     "3D plan, unet, compiled": ("unet3d", {}, {"compile": True}),
     "3D plan, dynunet, compiled": ("unet3d", {"architecture": "dynunet"}, {"compile": True}),
 }
-RUN_KEYS = {"num_workers": 2, "progress_bar": False, "log_every_iteration": False, "report": False}
+# the bundle's 4 data-loading workers, or one a core where there are fewer cores; no per-iteration log
+WORKERS = min(4, os.cpu_count() or 1)
+RUN_KEYS = {"num_workers": WORKERS, "progress_bar": False, "log_every_iteration": False, "report": False}
+# where the bundle trains (its `device` key: the first GPU when present), and so where the plan measures its steps
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def slug(name: str) -> str:
@@ -83,7 +93,7 @@ def plan_file(dataset: Path, overrides: Mapping[str, Any], out: Path) -> Path:
     name = next(name for name, (_, planned, _) in CONFIGS.items() if planned == overrides)
     kept = out / "plans" / f"{slug(name)}.yaml"
     if not kept.is_file():
-        path, _ = make_plan(dataset, dim=3, overrides=dict(overrides))
+        path, _ = make_plan(dataset, dim=3, device=DEVICE, overrides=dict(overrides))
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(path, kept)
     return kept
@@ -94,7 +104,7 @@ def train(configs: Sequence[Path], keys: Mapping[str, Any], run_dir: Path) -> di
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run would be resumed with less than its budget
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     args = bundle_command("training", configs, {**keys, "output_dir": run_dir})
-    log = run_dir.with_suffix(".log")
+    log = run_dir.parent / f"{run_dir.name}.log"  # with_suffix would cut "0.5min" at its dot
     start = time.perf_counter()
     with open(log, "w") as handle:
         subprocess.run(args, cwd=run_dir.parent, stdout=handle, stderr=subprocess.STDOUT, check=True)
@@ -198,8 +208,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             + " / ".join(class_names(results))
             + f") and the epochs the budget bought. {CASES - len(VAL)} training and {len(VAL)} validation "
             f"cases of {list(SHAPE)} voxels at {list(SPACING)} mm, one without foreground in each.",
-            f"Conv peak: {peak['gflop_per_s']:.1f} GFLOP/s (Conv3d forward+backward, throughput.conv_peak).",
-            f"Machine: {info['cpu']}, {info['cpu_count']} CPU cores, {info['torch_threads']} torch threads; "
+            f"CPU conv peak: {peak['gflop_per_s']:.1f} GFLOP/s (Conv3d forward+backward, throughput.conv_peak).",
+            f"Machine: {info['cpu']}, {info['cpu_count']} CPU cores, {info['torch_threads']} torch threads"
+            + (f", trained on {info['gpu']}; " if info["gpu"] else "; ")
+            + f"{WORKERS} data-loading workers; "
             f"torch {info['torch']}, MONAI {info['monai']}, Python {info['python']}; {info['date']}.",
         ]
     )
