@@ -386,14 +386,15 @@ class TrainingReport:
         self._iteration_start = time.perf_counter()  # the batch is loaded: the step starts
 
     def _iteration_completed(self, engine: Engine) -> None:
-        if self.iteration_time is not None:
-            self.iteration_time += time.perf_counter() - self._iteration_start
         output = engine.state.output
         items = output if isinstance(output, list) else [output]
         for item in items:
             self._loss_sum += float(item["loss"])
             self._loss_count += 1
         self.iterations += 1
+        # the step ends once its loss is read: on CUDA the read waits for the kernels the step queued
+        if self.iteration_time is not None:
+            self.iteration_time += time.perf_counter() - self._iteration_start
 
     def _validated(self, evaluator: Engine) -> None:
         self._last_val_epoch = evaluator.state.epoch  # the evaluator's epoch mirrors the trainer's

@@ -212,6 +212,34 @@ def test_learning_curve_png_drawn_at_most_every_plot_interval(tmp_path: Path, mo
     assert sum(1 for row in report.history if "val_mean_dice" in row) == 8
 
 
+def test_a_step_is_timed_until_its_loss_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA a step's kernels still run when its process function returns, and reading its loss waits for them: the
+    step's time includes that read (a loss that takes 3 s of a fake clock to read), so ``overhead_share`` is only
+    what lies outside the steps."""
+    now = [0.0]
+    monkeypatch.setattr(handlers.time, "perf_counter", lambda: now[0])
+
+    class QueuedLoss:
+        def __float__(self) -> float:
+            now[0] += 3.0
+            return 0.5
+
+    def step(engine: Engine, batch: int) -> dict[str, QueuedLoss]:
+        now[0] += 1.0
+        return {"loss": QueuedLoss()}
+
+    trainer = Engine(step)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: now.__setitem__(0, now[0] + 2.0))
+    report = TrainingReport(tmp_path, Engine(lambda engine, batch: None), torch.nn.Linear(2, 2), ["organ"])
+    monkeypatch.setattr(report, "_plot", lambda: None)
+    report.attach(trainer)
+    trainer.run([0, 1], max_epochs=2)
+    metrics = read_metrics(tmp_path)
+    # 4 steps of 4 s and 2 s after each of the 2 epochs: 16 of 20 s in the steps
+    assert metrics["training_time_s"] == pytest.approx(20.0)
+    assert metrics["overhead_share"] == pytest.approx(0.2)
+
+
 def test_num_folds_1_split_and_evaluation(dataset3d: Path, tmp_path: Path) -> None:
     """Every case trains, none validates: on its own dataset evaluation is refused, on another it scores them all."""
     description = load_dataset_json(dataset3d)
