@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import monai.transforms
 import numpy as np
 import pytest
 import torch
 import yaml
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.transforms import Compose, RandomizableTrait, Transform
 
-from custom_components.transforms import intensity_transform
+from custom_components.transforms import AsDiscrete, AsDiscreted, intensity_transform
 from tests.conftest import REPO
 
 TRAIN_3D = REPO / "bundles/unet3d/configs/train.yaml"
@@ -97,3 +102,61 @@ def test_intensity_schemes() -> None:
         intensity_transform("image", "hu")
     with pytest.raises(ValueError, match="needs window, mean and std"):
         intensity_transform("image", "ct_zscore", (-160, 240))
+
+
+INTENSITIES = {
+    "ct_window": {"scheme": "ct_window", "window": [-160, 240]},
+    "ct_zscore": {"scheme": "ct_zscore", "window": [-160, 240], "mean": 40.0, "std": 100.0},
+    "zscore": {"scheme": "zscore"},
+}
+
+
+@pytest.mark.parametrize("bundle", ["unet2d", "unet3d"])
+@pytest.mark.parametrize("scheme", list(INTENSITIES))
+def test_the_cache_holds_all_preprocessing(bundle: str, scheme: str, dataset3d: Path, tmp_path: Path) -> None:
+    """MONAI's CacheDataset caches up to the first transform that is random or not a Transform (a nested Compose
+    counts as random): every intensity scheme lets it cache the whole preprocessing, so that training draws its
+    patches, and validation reads its cases, without redoing it."""
+    train = REPO / "bundles" / bundle / "configs" / "train.yaml"
+    parser = ConfigParser()
+    parser.read_config(str(train))
+    keys = {"dataset_dir": str(dataset3d), "output_dir": str(tmp_path), "intensity": INTENSITIES[scheme]}
+    parser.update({"bundle_root": str(train.parents[1]), **keys})
+    base = parser.get_parsed_content("base_transforms")
+
+    def ends_the_cache(transform: object) -> bool:
+        return isinstance(transform, RandomizableTrait) or not isinstance(transform, Transform)
+
+    assert parser.get_parsed_content("validate#preprocessing").get_index_of_first(ends_the_cache) is None
+    chain = parser.get_parsed_content("train#preprocessing")
+    first = chain.get_index_of_first(ends_the_cache)
+    # the cache ends at the first random patch draw, past the preprocessing (the 2D bundle adds a fixed step)
+    assert first >= len(base) and isinstance(chain.transforms[first], RandomizableTrait)
+    assert not isinstance(chain.transforms[first], Compose), chain.transforms[first]
+
+
+def test_our_as_discreted_gives_monais_output() -> None:
+    """The bundles' AsDiscreted takes the argmax another way on CPU (torch's is a slow loop there): the same class
+    indices, ties to the first class, dtype and metadata as MONAI's, for tensors and arrays alike."""
+    torch.manual_seed(0)
+    scores = MetaTensor(torch.randn(3, 16, 12, 5), affine=torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0])))
+    scores[:, :4] = 0.5  # every class equal: ties
+    scores[1, 4:6] = scores[2, 4:6] = 9.0  # two classes equal at the maximum
+    scores.applied_operations.append({"class": "Spacingd"})  # what Invertd reads
+    label = MetaTensor(torch.randint(0, 3, (1, 16, 12, 5)).float())
+    for options in [
+        {"keys": "pred", "argmax": True},
+        {"keys": ["pred", "label"], "argmax": [True, False], "to_onehot": 3},
+    ]:
+        ours = AsDiscreted(**options)({"pred": scores.clone(), "label": label.clone()})
+        theirs = monai.transforms.AsDiscreted(**options)({"pred": scores.clone(), "label": label.clone()})
+        for key, value in theirs.items():
+            assert torch.equal(ours[key].as_tensor(), value.as_tensor()) and ours[key].dtype == value.dtype, key
+            assert (
+                torch.equal(ours[key].affine, value.affine) and ours[key].applied_operations == value.applied_operations
+            )
+    assert int(AsDiscreted(keys="pred", argmax=True)({"pred": scores})["pred"][0, 0, 0, 0]) == 0  # all tied: the first
+    assert torch.equal(AsDiscreted(keys="pred", argmax=True)({"pred": scores})["pred"][0, 4:6], torch.ones(2, 12, 5))
+    array = scores.numpy()
+    ours, theirs = AsDiscrete(argmax=True)(array), monai.transforms.AsDiscrete(argmax=True)(array)
+    assert type(ours) is type(theirs) and torch.equal(torch.as_tensor(ours), torch.as_tensor(theirs))
