@@ -25,7 +25,10 @@ from custom_components.sweep.study import room_for_trial, surplus
 from custom_components.sweep.trial import watch
 from tests.conftest import REPO, SMALL_3D, USER_CWD, run_bundle
 
-TRIALS = 3
+# 4, not 3: whichever process finishes a trial first, A then trains one more (a third trial if A finished first, a
+# fourth if B did), so the fixture always finds A training after a finish. With 3, A and B finishing their first
+# trials together left the third to B and A with nothing to train until the sweep ended.
+TRIALS = 4
 SPACES = ["learning_rate=loguniform:1e-4:1e-2", "dropout=uniform:0:0.3"]
 FIXED = {**{k: v for k, v in SMALL_3D.items() if k != "learning_rate"}, "max_epochs": "2", "val_interval": "1"}
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -126,7 +129,7 @@ def test_report_ranks_trials_and_writes_best_settings(shared: SharedSweep, capsy
     assert "best: trial" in capsys.readouterr().out
     report = json.loads((shared.output / "sweep_report.json").read_text())
     ranked = [row for row in report["trials"] if row["rank"] is not None]
-    assert [row["rank"] for row in ranked] == [1, 2, 3]
+    assert [row["rank"] for row in ranked] == list(range(1, TRIALS + 1))
     assert [row["value"] for row in ranked] == sorted((row["value"] for row in ranked), reverse=True)
     for row in ranked:
         assert row["value"] == json.loads((Path(row["folder"]) / "metrics.json").read_text())["best_mean_dice"]
