@@ -24,11 +24,11 @@ def _names(catalogue: str) -> list[str]:
     return list(CATALOGUES[catalogue])
 
 
-def _parser(**keys) -> ConfigParser:
-    """The bundle's train.yaml with ``keys`` set, as ``--key value`` sets them."""
+def _parser(train: Path = TRAIN_3D, **keys) -> ConfigParser:
+    """A bundle's train.yaml (the 3D one unless named) with ``keys`` set, as ``--key value`` sets them."""
     parser = ConfigParser()
-    parser.read_config(str(TRAIN_3D))
-    parser.update({"bundle_root": str(TRAIN_3D.parents[1]), **keys})
+    parser.read_config(str(train))
+    parser.update({"bundle_root": str(train.parents[1]), **keys})
     return parser
 
 
@@ -118,10 +118,7 @@ def test_the_cache_holds_all_preprocessing(bundle: str, scheme: str, dataset3d: 
     counts as random): every intensity scheme lets it cache the whole preprocessing, so that training draws its
     patches, and validation reads its cases, without redoing it."""
     train = REPO / "bundles" / bundle / "configs" / "train.yaml"
-    parser = ConfigParser()
-    parser.read_config(str(train))
-    keys = {"dataset_dir": str(dataset3d), "output_dir": str(tmp_path), "intensity": INTENSITIES[scheme]}
-    parser.update({"bundle_root": str(train.parents[1]), **keys})
+    parser = _parser(train, dataset_dir=str(dataset3d), output_dir=str(tmp_path), intensity=INTENSITIES[scheme])
     base = parser.get_parsed_content("base_transforms")
 
     def ends_the_cache(transform: object) -> bool:
