@@ -187,12 +187,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in args.configs:
         bundle, plan_overrides, training_keys = CONFIGS[name]
         configs = [REPO_ROOT / "bundles" / bundle / "configs" / "train.yaml"]
-        if plan_overrides is not None:
-            configs.append(plan_file(dataset, plan_overrides, out))
+        plan = {} if plan_overrides is None else {"plan_file": str(plan_file(dataset, plan_overrides, out))}
         for m in args.minutes:
             if f"{m:g}" in results[name]:
                 continue  # finished in an earlier run of this benchmark
-            keys = {**RUN_KEYS, **training_keys, "dataset_dir": str(dataset), "splits_file": str(splits)}
+            keys = {**RUN_KEYS, **training_keys, **plan, "dataset_dir": str(dataset), "splits_file": str(splits)}
             keys["time_budget_min"] = m
             results[name][f"{m:g}"] = train(configs, keys, out / "runs" / f"{slug(name)}_{m:g}min")
             run = results[name][f"{m:g}"]

@@ -102,6 +102,20 @@ def bundle_command(run_id: str, configs: Sequence[str | Path], overrides: Mappin
 MONAI_SIGILS = ("$", "@", "%")  # a config string starting so is an expression, a reference or a macro
 
 
+def expression_ids(value: Any, id: str = "") -> list[str]:
+    """The ids (``key#part#0``, under ``id``) of the strings in ``value`` that MONAI's config parser would evaluate,
+    read as a reference or expand as a macro: those starting with ``$``, ``@`` or ``%``, at any depth."""
+    if isinstance(value, str):
+        return [id] if value[:1] in MONAI_SIGILS else []
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return []
+    return [hit for key, item in items for hit in expression_ids(item, f"{id}#{key}" if id else str(key))]
+
+
 class KeyValueError(ValueError):
     """A ``KEY=VALUE`` pair that cannot be used: no ``=``, a value that is not YAML, or a key the caller sets."""
 
@@ -119,6 +133,11 @@ _ValueLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
 _ValueLoader.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^None$"), ["N"])
+
+
+def load_value_yaml(text: str) -> Any:
+    """YAML text as data, read as ``--set`` values are (a safe loader; ``1e-3`` a float, ``None`` null)."""
+    return yaml.load(text, Loader=_ValueLoader)  # noqa: S506 (a SafeLoader)
 
 
 def parse_key_values(
@@ -145,7 +164,7 @@ def parse_key_values(
             values[key] = text.strip()
             continue
         try:
-            values[key] = yaml.load(text, Loader=_ValueLoader)  # noqa: S506 (a SafeLoader)
+            values[key] = load_value_yaml(text)
         except yaml.YAMLError as err:
             problem = str(err).splitlines()[0]
             raise KeyValueError(

@@ -31,9 +31,11 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import set_rnd
 from monai.utils import MAX_SEED
 
+from custom_components.bundle import expression_ids
 from custom_components.handlers import epoch_seed, remove_stale_temporaries
 from custom_components.imageio import IMAGE_SUFFIXES, PLANAR_SUFFIXES, ImageReadError, read_header, read_image
 from custom_components.imageio import NIFTI_SUFFIXES as NIFTI_SUFFIXES  # re-exported for `from ..data import`
+from custom_components.runlock import not_a_folder
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,7 +70,37 @@ def load_dataset_json(dataset_dir: str | Path) -> dict[str, Any]:
     for index, item in enumerate(description["training"]):
         if not (isinstance(item, dict) and isinstance(item.get("image"), str) and isinstance(item.get("label"), str)):
             raise DatasetError(f"{path}: training[{index}] must be an object with 'image' and 'label' paths")
+    problems = name_problems(description)
+    if problems:
+        raise DatasetError(f"{path} holds names that cannot be used:\n" + "\n".join(problems))
     return description
+
+
+def name_problems(description: dict[str, Any]) -> list[str]:
+    """Every name of ``dataset.json`` that a run would carry into its configs, metadata and reports (the dataset's
+    name, label and modality names, case file names) and that MONAI's config parser would evaluate, read as a
+    reference or expand as a macro (``$``, ``@``, ``%`` first), or that is not text: names are data, never code."""
+    named = [("name", description.get("name", ""))]
+    named += [(f"labels {key!r}", name) for key, name in description["labels"].items()]
+    named += [(f"modality {key!r}", name) for key, name in description["modality"].items()]
+    for part in ("training", "test"):
+        for index, item in enumerate(description.get(part) or []):
+            files = item if isinstance(item, dict) else {"image": item}  # MSD lists test images as plain paths
+            named += [
+                (f"{part}[{index}] {key}", Path(file).name if isinstance(file, str) else file)
+                for key, file in files.items()
+                if key in ("image", "label")
+            ]
+    problems = []
+    for where, name in named:
+        if not isinstance(name, str):
+            problems.append(f"{where}: {name!r} is not a name; write it as text")
+        elif expression_ids(name):
+            problems.append(
+                f"{where}: {name!r} starts with {name[0]!r}, which MONAI's config parser would run as code (an "
+                f"expression, reference or macro) in the run's configs; rename it without {name[0]!r} at its start"
+            )
+    return problems
 
 
 def _resolve(dataset_dir: Path, relative: str) -> Path:
@@ -518,9 +550,16 @@ def image_spatial_dims(path: str | Path) -> int:
     return 2 if len(shape) == 2 or planar else 3
 
 
-def first_image_dims(description: dict[str, Any], dataset_dir: str | Path) -> int:
-    """Spatial dimensions of a dataset, from its first training image: decides 2D-native or volume handling."""
-    return image_spatial_dims(_resolve(Path(dataset_dir), description["training"][0]["image"]))
+def first_image_dims(description: dict[str, Any], dataset_dir: str | Path, default: int = 3) -> int:
+    """Spatial dimensions of a dataset, from its first readable training image: decides 2D-native or volume
+    handling. Unreadable images are passed over (the dataset check lists them with every other problem);
+    ``default`` when none can be read."""
+    for item in description["training"]:
+        try:
+            return image_spatial_dims(_resolve(Path(dataset_dir), item["image"]))
+        except DatasetError:
+            continue
+    return default
 
 
 def list_images(source: str | Path) -> list[dict[str, str]]:
@@ -539,7 +578,7 @@ def list_images(source: str | Path) -> list[dict[str, str]]:
 
 def bundle_image_dims(description: dict[str, Any], dataset_dir: str | Path, network_dims: int) -> int:
     """The dataset's image dimensions, checked against the bundle: a 3D network cannot train on 2D images."""
-    dims = first_image_dims(description, dataset_dir)
+    dims = first_image_dims(description, dataset_dir, default=network_dims)
     if dims < network_dims:
         raise DatasetError(
             f"{Path(dataset_dir) / 'dataset.json'} lists 2D images; the 3D bundle needs volumes: "
@@ -583,13 +622,16 @@ def checkpoint_space(network: Any, output_dir: str | Path | None = None) -> int:
     return int(max(needed, SPACE_MARGIN * checkpoint + REPORT_BYTES))
 
 
-def check_output_dir(output_dir: str | Path, network: Any) -> None:
-    """``output_dir`` (created if missing) can be written and has room for the checkpoints of ``network``.
+def check_output_dir(output_dir: str | Path, network: Any | None = None) -> None:
+    """``output_dir`` (created if missing) is a folder that can be written and, given a ``network`` (training), has
+    room for its checkpoints.
 
     Writability is tried, not read from the permission bits (which do not stop root, and miss read-only mounts):
     a temporary file is created and removed. Raises :class:`OutputDirError` naming the folder and the fix.
     """
     path = Path(output_dir)
+    if problem := not_a_folder(path):
+        raise OutputDirError(problem)
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.")
@@ -600,6 +642,8 @@ def check_output_dir(output_dir: str | Path, network: Any) -> None:
             f"output_dir {path} cannot be written ({err.strerror or err}): pass --output_dir with a folder you can "
             "write to"
         ) from err
+    if network is None:
+        return
     needed = checkpoint_space(network, path)
     free = shutil.disk_usage(path).free
     if free < needed:
@@ -610,9 +654,10 @@ def check_output_dir(output_dir: str | Path, network: Any) -> None:
         )
 
 
-def prepare_output_dir(output_dir: str | Path, network: Any, clean: bool = True) -> str:
-    """For the bundle configs, before the dataset cache is filled: :func:`check_output_dir`, a clean exit with its
-    message if it fails, then (``clean``: the process that writes) the temporary files a killed write left removed."""
+def prepare_output_dir(output_dir: str | Path, network: Any | None = None, clean: bool = True) -> str:
+    """For the bundle configs, before the dataset cache is filled or the first case is written:
+    :func:`check_output_dir`, a clean exit with its message if it fails, then (``clean``: the training process that
+    writes) the temporary files a killed write left removed."""
     try:
         check_output_dir(output_dir, network)
     except OutputDirError as err:

@@ -130,31 +130,38 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
 
 
 class CheckpointError(ValueError):
-    """A resumable checkpoint that cannot be loaded as tensors and plain values; the message says why and the fix."""
+    """A weights or checkpoint file that cannot be loaded as tensors and plain values; the message says why and the
+    fix."""
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``path`` loaded as tensors and plain values only (``weights_only=True``): nothing in it is executed.
+CHECKPOINT_FIX = "delete it or start a new output_dir"  # a run folder's models/checkpoint_last.pt: train it anew
+# where a file that may be loaded comes from, named with every refusal instead of PyTorch's own advice
+TRUSTED_ORIGIN = "weights and checkpoints come from a training run (its models/model.pt and models/checkpoint_last.pt)"
+PICKLED_CALLABLE = re.compile(r"GLOBAL ([\w.]+)")  # the callable a refused pickle names, in PyTorch's message
 
-    Raises :class:`CheckpointError` naming the file: a pickle that needs other objects (it may execute code) or a
-    file that is not a checkpoint at all. A zip checkpoint (what ``torch.save`` writes) is memory-mapped, so a check
-    before training costs little.
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", fix: str = CHECKPOINT_FIX) -> Any:
+    """``path`` loaded as tensors and plain values only (``weights_only=True``): nothing in it is executed. Every
+    weights or checkpoint file is read through here (``models/model.pt`` by :func:`load_weights`).
+
+    Raises :class:`CheckpointError` naming the file, where such files come from, and ``fix``: a pickle that needs
+    other objects (it may execute code) or a file that is not a checkpoint at all. PyTorch's own message is left out:
+    it advises loading the file with ``weights_only=False``, which runs the payload. A zip checkpoint (what
+    ``torch.save`` writes) is memory-mapped, so a check before training costs little.
     """
     path = Path(path)
-    fix = "delete it or start a new output_dir"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
             return torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "unsupported" in line.lower() or "global" in line.lower()), "")
-        reason = (reason or (lines[0] if lines else type(err).__name__))[:300]
-        raise CheckpointError(
-            f"{path} is not a checkpoint of tensors and plain values ({reason}): it may execute code; {fix}"
-        ) from err
+        named = PICKLED_CALLABLE.search(str(err))
+        holds = f"it calls {named.group(1)}" if named else "it holds pickled objects that are not tensors"
+        reason = f"is not a weights or checkpoint file of tensors and plain values ({holds}): it may execute code"
     except Exception as err:  # zip, pickle and torch raise several types for files that are not checkpoints
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); {fix}") from err
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        reason = f"cannot be read as a weights or checkpoint file ({type(err).__name__}: {first})"
+    raise CheckpointError(f"{path} {reason}, so it was not loaded; {TRUSTED_ORIGIN}: {fix}")
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -647,10 +654,11 @@ def state_dict_differences(expected: Mapping[str, torch.Tensor], found: Mapping[
 
 
 def load_weights(network: torch.nn.Module, path: str | Path, device: Any = "cpu") -> torch.nn.Module:
-    """Load a plain state_dict (``models/model.pt``) into ``network``, read as tensors only (nothing executed).
+    """Load a plain state_dict (``models/model.pt``) into ``network``, read as tensors only (:func:`read_checkpoint`:
+    nothing executed).
 
-    Raises :class:`ModelError` naming the file and, for a network of other settings, the keys and shapes that
-    differ, instead of PyTorch's traceback through every parameter.
+    Raises :class:`ModelError` naming the file: one that is not tensors (it may execute code), or, for a network of
+    other settings, the keys and shapes that differ, instead of PyTorch's traceback through every parameter.
     """
     path = Path(path)
     if not path.is_file():
@@ -659,9 +667,9 @@ def load_weights(network: torch.nn.Module, path: str | Path, device: Any = "cpu"
             "first validation) or pass --model_path with a weights file"
         )
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # pickle, zip and torch raise several types for files that are not plain weights
-        raise ModelError(f"model_path {path} is not a PyTorch state_dict of tensors ({err}): pass a model.pt") from err
+        state = read_checkpoint(path, device, fix="use a models/model.pt that a training run wrote")
+    except CheckpointError as err:
+        raise ModelError(str(err)) from None
     target = unwrap(network)
     differences = state_dict_differences(target.state_dict(), state) if isinstance(state, Mapping) else ["not a dict"]
     if differences:

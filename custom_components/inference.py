@@ -1,5 +1,9 @@
 """Inference over a folder that may hold unreadable files, and flip test-time augmentation.
 
+Before any case: the inputs' dimensions (read from their headers) must fit the network, and ``output_dir`` must be
+a folder that can be written. Both are known before any work is done, so either stops the run at once with one
+message naming the files or the folder (inputs of the wrong kind mostly mean the wrong run or the wrong folder).
+
 Unreadable files: each is reported and skipped, the others are written.
 
 MONAI's ``Dataset`` raises on the first image it cannot load and the whole run stops. Here the dataset returns a
@@ -12,8 +16,9 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +27,7 @@ from monai.data import Dataset, list_data_collate
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 
-from custom_components.data import DatasetError, image_spatial_dims
+from custom_components.data import DatasetError, image_spatial_dims, prepare_output_dir, read_images
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +51,74 @@ class ReadableDataset(Dataset):
             return SkippedCase(str(self.data[index]["image"]), f"{type(cause).__name__}: {cause}".splitlines()[0])
 
 
-def volume_inputs(items: Sequence[dict[str, Any]]) -> bool:
-    """Whether the inputs are volumes (3D) rather than 2D images, from the first one that can be read."""
+def _header_dims(items: Sequence[dict[str, Any]]) -> Iterator[tuple[str, int]]:
+    """Each input whose header can be read, with its spatial dimensions (an unreadable one is reported and skipped
+    when the dataset reaches it)."""
     for item in items:
         try:
-            return image_spatial_dims(item["image"]) == 3
+            yield item["image"], image_spatial_dims(item["image"])
         except DatasetError:
-            continue  # reported when the dataset reaches it
-    return True
+            continue
+
+
+def volume_inputs(items: Sequence[dict[str, Any]]) -> bool:
+    """Whether the inputs are volumes (3D) rather than 2D images, from the first one that can be read."""
+    return next((dims for _, dims in _header_dims(items)), 3) == 3
+
+
+def input_dims_problem(
+    input_dir: str | Path, items: Sequence[dict[str, Any]], spatial_dims: int, context_slices: int = 0
+) -> str | None:
+    """Why the inputs do not fit the network (None when they do), naming the files: a 3D network (``spatial_dims``
+    3) and a 2.5D one (``context_slices`` > 0: neighbouring slices as channels) take volumes only; a 2D network takes
+    volumes slice by slice or 2D images as they are, one kind a run (the first readable input's)."""
+    found = list(_header_dims(items))
+    if not found:
+        return None
+    first, first_dims = found[0]
+    expected = 3 if spatial_dims == 3 or context_slices > 0 else first_dims
+    wrong = [path for path, dims in found if dims != expected]
+    if not wrong:
+        return None
+    shown = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+    if spatial_dims == 3:
+        return (
+            f"input_dir {input_dir}: the 3D network segments volumes, not 2D images: {shown}; segment 2D images with "
+            "a run of the 2D bundle (bundles/unet2d), or pass --input_dir with volumes only"
+        )
+    if context_slices > 0:
+        return (
+            f"input_dir {input_dir}: the network takes context_slices {context_slices} neighbouring slices as "
+            f"channels, which 2D images lack: {shown}; pass --input_dir with volumes only"
+        )
+    kinds = {3: "volume", 2: "2D image"}
+    return (
+        f"input_dir {input_dir} mixes volumes and 2D images, and a run segments one kind (the first, {first}, is a "
+        f"{kinds[first_dims]}): {shown}; put each kind in a folder of its own and run once on each"
+    )
+
+
+def read_inputs(input_dir: str | Path, spatial_dims: int, context_slices: int = 0) -> list[dict[str, str]]:
+    """For the inference config: the images of ``input_dir`` (:func:`custom_components.data.read_images`), whose
+    dimensions :func:`input_dims_problem` finds fit for the network, else a clean exit naming the files."""
+    items = read_images(input_dir)
+    problem = input_dims_problem(input_dir, items, spatial_dims, context_slices)
+    if problem:
+        logger.error("%s", problem)
+        sys.exit(f"error: {problem}")
+    return items
+
+
+class WritableOutputDir:
+    """Evaluator handler: when the run starts, before the first case, ``output_dir`` must be a folder that can be
+    written (:func:`custom_components.data.prepare_output_dir`, created if missing), else a clean exit naming it
+    rather than the image writer's traceback at the first case."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.output_dir = output_dir
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: prepare_output_dir(self.output_dir, clean=False))
 
 
 def collate_readable(items: Sequence[Any]) -> Any:

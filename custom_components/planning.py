@@ -68,7 +68,7 @@ def bundle_config(dim: int) -> Path:
 
 
 def bundle_parser(config_file: str | Path, overrides: dict[str, Any]) -> ConfigParser:
-    """The bundle's config with ``overrides`` set on top, as ``--config_file [train.yaml, plan.yaml]`` merges it."""
+    """The bundle's config with ``overrides`` set on top, as a plan's values are (``--plan_file``)."""
     parser = ConfigParser()
     parser.read_config(str(config_file))
     parser.update({"bundle_root": str(Path(config_file).resolve().parents[1]), **overrides})
@@ -552,10 +552,10 @@ def _plan_text(
         for (patch, batch), size in sorted(measured.items(), key=lambda item: (-np.prod(item[0][0]), item[0][1]))
     )
     header = (
-        f"# Training plan written by `python -m custom_components.prepare plan` (see docs/prepare.md). Use it after\n"
-        f"# the bundle's config; later files override earlier ones, command-line keys override both:\n"
-        f"#   python -m monai.bundle run training --config_file \"['bundles/unet{dim}d/configs/train.yaml',"
-        f"'{path}']\"\n"
+        f"# Training plan written by `python -m custom_components.prepare plan` (see docs/prepare.md), read as data:\n"
+        f"# its values replace the bundle's defaults, keys set on the command line win:\n"
+        f"#   python -m monai.bundle run training --config_file bundles/unet{dim}d/configs/train.yaml "
+        f"--plan_file {path}\n"
         f"# A training step at patch {list(choice.patch_size)} and batch {choice.batch_size} took "
         f"{_gib(choice.step_bytes)} of the {_gib(budget)} budget on {device}. Steps measured:\n{steps}\n"
     )

@@ -246,10 +246,7 @@ def check(dataset_dir: Path, image_dims: int | None = None) -> bool:
     dataset_dir = Path(dataset_dir).resolve()
     description = load_dataset_json(dataset_dir)
     if image_dims is None:
-        try:
-            image_dims = first_image_dims(description, dataset_dir)
-        except DatasetError:  # the table names the unreadable first image
-            image_dims = 3
+        image_dims = first_image_dims(description, dataset_dir)
     datalist, problems = check_dataset(description, dataset_dir, len(description["labels"]), image_dims)
     print(problems_table(problems, dataset_dir, len(datalist)))
     return not any(problem.fatal for problem in problems)

@@ -24,7 +24,7 @@ import yaml
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
-from custom_components.bundle import running
+from custom_components.bundle import expression_ids, running
 from custom_components.data import case_id
 from custom_components.handlers import TrainingReport, atomic_write_bytes, atomic_write_json
 
@@ -96,11 +96,20 @@ def freeze(text: str, values: Mapping[str, Any]) -> str:
 
 
 def run_values(settings: Mapping[str, Any], paths: Sequence[str] = ()) -> dict[str, Any]:
-    """``settings`` as a run folder writes them: plain data, the ``paths`` keys as absolute paths."""
+    """``settings`` as a run folder writes them: plain data, the ``paths`` keys as absolute paths. A resolved value
+    holding text that MONAI's parser would evaluate in the run's configs (``$``, ``@``, ``%`` first) stops the run
+    before anything is written: values are data, never code."""
     values = {key: plain(value) for key, value in settings.items()}
     for key in paths:
         if isinstance(values.get(key), str):
             values[key] = str(Path(values[key]).resolve())
+    planted = [f"{id} = {flow(value)}" for key, value in values.items() for id in expression_ids(value, key)]
+    if planted:
+        sys.exit(
+            "error: these values would be run as code by the run folder's configs, so nothing was written: "
+            + "; ".join(planted)
+            + ". Rename them (in dataset.json or the settings) without $, @ or % at their start"
+        )
     return values
 
 

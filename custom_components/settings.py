@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import difflib
 import functools
 import json
@@ -56,8 +57,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from custom_components.bundle import MONAI_SIGILS, running
+from custom_components.bundle import expression_ids, running
 from custom_components.norms import NORM_CHOICES, resolve_norm
+from custom_components.plan_file import PLAN_KEY, Plan, read_plan
 from custom_components.run_bundle import flow
 from custom_components.transforms import INTENSITY_SCHEMES
 
@@ -475,17 +477,6 @@ def _names(names: Iterable[Any]) -> str:
     return ", ".join(str(name) for name in names)
 
 
-def _has_sigil(value: Any) -> bool:
-    """Whether ``value`` holds a MONAI expression, reference or macro anywhere."""
-    if isinstance(value, str):
-        return value[:1] in MONAI_SIGILS
-    if isinstance(value, Mapping):
-        return any(_has_sigil(item) for item in value.values())
-    if isinstance(value, list | tuple):
-        return any(_has_sigil(item) for item in value)
-    return False
-
-
 def _as_parsed(id: str, value: Any) -> Any:
     """``value`` at ``id`` as MONAI's ``ConfigParser.parse`` rewrites it (relative ids made absolute, ``::``)."""
     if isinstance(value, str):
@@ -647,9 +638,9 @@ def validate(
         if key not in effective:
             continue
         value = effective[key]
-        if _has_sigil(value):
+        if expression_ids(value):
             if key in given and not any(value == own for own in configs.own(key)):
-                literal = next((own for own in configs.own(key) if not _has_sigil(own)), None)
+                literal = next((own for own in configs.own(key) if not expression_ids(own)), None)
                 problems.append(
                     Problem(
                         key,
@@ -772,20 +763,63 @@ def report(problems: Sequence[Problem], bundle: str | Path, config: str, option:
 def check_workflow(config: str) -> None:
     """Check the running workflow's settings before any data is read (first of every bundle config's
     ``initialize``): on problems, log them and exit with all of them, no traceback; booleans given as text are
-    written back as booleans."""
+    written back as booleans. A ``plan_file`` is read as data (:mod:`custom_components.plan_file`) and its values
+    replace the bundle's defaults: a key the user set otherwise (command line, a later config file) is kept."""
     workflow = running(ConfigWorkflow)  # MONAI's workflow evaluating this config
     if workflow is None:  # a parser built by hand: its caller sets and checks the values
         logger.debug("settings: no MONAI ConfigWorkflow on the call stack, nothing checked")
         return
     folder = workflow.config_root_path.resolve()
     root = folder.parent if folder.name == "configs" else folder
-    checked = validate(workflow.parser.get(), root, config)
-    if checked.problems:
-        message = report(checked.problems, root, config)
+    values = workflow.parser.get()
+    plan, applied = _plan_values(values, root, config)
+    checked = validate({**values, **applied}, root, config)
+    problems = checked.problems
+    if plan is not None:
+        from_plan = {id.split("#")[0] for id in applied}
+        where = f" (from {PLAN_KEY} {plan.path})"
+        problems = [
+            *(Problem(*problem) for problem in plan.problems),
+            *(
+                dataclasses.replace(problem, key=problem.key + where) if problem.key in from_plan else problem
+                for problem in problems
+            ),
+        ]
+    if problems:
+        message = report(problems, root, config)
         logger.error("%s", message)
         sys.exit(f"error: {message}")
+    for id, value in applied.items():
+        workflow.parser[id] = value
     for key, value in checked.converted.items():
         workflow.parser[key] = value
+
+
+def _plan_values(values: Mapping[str, Any], bundle: Path, config: str) -> tuple[Plan | None, dict[str, Any]]:
+    """The plan file that ``values`` name (None without one) and the values it sets: those of the keys the user
+    left at the bundle's own value (a key set on the command line or in a later config file wins)."""
+    path = values.get(PLAN_KEY)
+    if path is None or expression_ids(path):
+        return None, {}  # no plan; a planted expression in plan_file itself is refused by validate
+    configs = BundleConfigs.read(bundle)
+    settings = [key for key, d in declarations(configs.kind(config)).items() if config in d.configs]
+    plan = read_plan(path, settings, f"{LISTING} {configs.root}")
+    applied, kept = {}, []
+    for id, value in plan.values.items():
+        key = id.split("#")[0]
+        if key not in values or any(values[key] == own for own in configs.own(key)):
+            applied[id] = value
+        else:
+            kept.append(key)
+    if not plan.problems:
+        logger.info(
+            "%s %s: %s from the plan%s",
+            PLAN_KEY,
+            plan.path,
+            ", ".join(applied) or "no key",
+            f"; {', '.join(dict.fromkeys(kept))} set otherwise (kept)" if kept else "",
+        )
+    return plan, applied
 
 
 # --- the listing --------------------------------------------------------------------------------------------------

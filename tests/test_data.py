@@ -29,7 +29,7 @@ from custom_components.data import (
 from custom_components.handlers import ResumableCheckpoint, epoch_seed
 from custom_components.planning import bundle_parser
 from custom_components.synthetic import write_dataset
-from tests.conftest import REPO
+from tests.conftest import REPO, SMALL_3D, run_bundle
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +261,42 @@ def test_the_3d_bundle_refuses_2d_images(tmp_path: Path) -> None:
     assert data.bundle_image_dims(description, dataset, network_dims=2) == 2
     with pytest.raises(DatasetError, match="lists 2D images; the 3D bundle needs volumes: .*unet2d"):
         data.bundle_image_dims(description, dataset, network_dims=3)
+
+
+def test_names_from_dataset_json_are_data_never_code(tiny: Path, copy_dataset, tmp_path: Path) -> None:
+    """A label, modality, dataset or case name that MONAI's parser would evaluate in the run's configs is refused
+    by the data check of the user's command, every such name at once, and nothing of it runs."""
+    broken = copy_dataset(tiny)
+    marker = tmp_path / "planted"
+    description = json.loads((broken / "dataset.json").read_text())
+    description["labels"]["2"] = f"$__import__('pathlib').Path('{marker}').touch() or 'lesion'"
+    description["modality"]["0"] = "@network_def"
+    (broken / "imagesTr" / "case_001.nii.gz").rename(broken / "imagesTr" / "%case_001.nii.gz")
+    description["training"][1]["image"] = "./imagesTr/%case_001.nii.gz"
+    (broken / "dataset.json").write_text(json.dumps(description))
+    out = tmp_path / "run"
+    result = run_bundle(
+        "bundles/unet3d/configs/train.yaml", {**SMALL_3D, "dataset_dir": broken, "output_dir": out}, check=False
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    message = result.stderr[result.stderr.index("error: ") :]
+    assert f"{broken / 'dataset.json'} holds names that cannot be used" in message
+    assert "labels '2': \"$__import__" in message and "modality '0': '@network_def' starts with '@'" in message
+    assert "training[1] image: '%case_001.nii.gz' starts with '%'" in message
+    assert "rename it without '$' at its start" in message
+    assert not marker.exists() and not (out / "configs").exists()
+
+
+def test_every_unreadable_image_is_reported_the_first_one_too(tiny: Path, copy_dataset, tmp_path: Path) -> None:
+    """The first image decides 2D or 3D; when it cannot be read, the next one does, and the data check names both
+    broken cases instead of stopping at the first."""
+    broken = copy_dataset(tiny)
+    description = json.loads((broken / "dataset.json").read_text())
+    description["training"][0]["image"] = "../outside/case_000.nii.gz"
+    description["training"][2]["label"] = "/nonexistent/case_002.nii.gz"
+    (broken / "dataset.json").write_text(json.dumps(description))
+    result = run_bundle("bundles/unet3d/configs/train.yaml", {**SMALL_3D, "dataset_dir": broken}, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: 2 of 5 cases cannot be used" in result.stderr
+    assert f"{broken.parent / 'outside/case_000.nii.gz'} is listed in dataset.json but does not exist" in result.stderr
+    assert "/nonexistent/case_002.nii.gz is listed in dataset.json but does not exist" in result.stderr

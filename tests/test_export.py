@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser
 from custom_components import export
 from custom_components.run_bundle import freeze
 from tests.conftest import REPO, USER_CWD
+from tests.test_resume import UNSAFE_ADVICE, Payload, refusal
 
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}  # what the command promises for ONNX
 # PyTorch deprecates torch.jit; the TorchScript format is still what MONAI's ckpt_export writes
@@ -125,6 +126,19 @@ def test_a_folder_that_is_not_a_run_is_refused_naming_the_missing_file(tmp_path:
     with pytest.raises(SystemExit, match=r"models/model\.pt is missing: .* not a trained run folder"):
         export.main([str(tmp_path), "--format", "torchscript"])
     assert not (tmp_path / "models").exists()
+
+
+def test_a_planted_model_is_refused_not_executed(run2d: Path, tmp_path: Path) -> None:
+    """models/model.pt is read as tensors only (handlers.read_checkpoint): a planted pickle stops the export, named,
+    without PyTorch's advice to load it unsafely, and its payload never runs."""
+    marker = tmp_path / "executed"
+    model = run2d / "models" / "model.pt"
+    torch.save({"model.0.conv.weight": Payload(marker)}, model)
+    with pytest.raises(SystemExit) as refused:
+        export.main([str(run2d), "--format", "torchscript"])
+    message = str(refused.value.code)
+    assert message == f"error: {refusal(model)}use a models/model.pt that a training run wrote", message
+    assert UNSAFE_ADVICE not in message and not marker.exists() and not (run2d / "models" / "model.ts").exists()
 
 
 def test_options_and_missing_packages_are_refused_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,5 +1,6 @@
 """Inference from a run folder alone: predictions on each input's own grid and affine, the same as the source bundle
-given every training key again; unreadable inputs skipped and listed; a wrong model stopped before any case."""
+given every training key again; unreadable inputs skipped and listed; a wrong model, inputs of the wrong dimensions
+and an output_dir that cannot be written stopped before any case."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import scipy.ndimage
+from PIL import Image
 
+from custom_components.inference import input_dims_problem
 from custom_components.synthetic import write_dataset
 from tests.conftest import SMALL_2D, SMALL_3D, run_bundle
 
@@ -117,3 +120,57 @@ def test_missing_input_dir_is_named(run3d: Path, tmp_path: Path) -> None:
     result = run_bundle(run3d / "configs/inference.yaml", overrides, run_id="inference", check=False)
     assert result.returncode != 0 and f"input_dir {tmp_path / 'nope'} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _picture(path: Path) -> Path:
+    """A small 2D PNG image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.arange(40 * 48, dtype=np.uint8).reshape(40, 48)).save(path)
+    return path
+
+
+def test_2d_images_given_to_a_3d_run_stop_before_any_case(run3d: Path, dataset3d: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "scans"
+    picture = _picture(inputs / "photo.png")
+    (inputs / "good.nii.gz").write_bytes((dataset3d / "imagesTr" / "case_001.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    result = run_bundle(
+        run3d / "configs/inference.yaml", {"input_dir": inputs, "output_dir": out}, run_id="inference", check=False
+    )
+    assert result.returncode != 0 and not out.exists()  # stopped before any case, the volume included
+    assert f"the 3D network segments volumes, not 2D images: {picture}; segment 2D images with a run of the 2D" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_input_dims_against_the_2d_network(dataset3d: Path, tmp_path: Path) -> None:
+    """The 2D network takes volumes or 2D images, one kind a run; with 2.5D context, volumes only."""
+    volume = tmp_path / "scan.nii.gz"
+    volume.write_bytes((dataset3d / "imagesTr" / "case_001.nii.gz").read_bytes())
+    pictures = [{"image": str(_picture(tmp_path / f"photo_{index}.png"))} for index in range(2)]
+    assert input_dims_problem(tmp_path, pictures, spatial_dims=2) is None
+    assert input_dims_problem(tmp_path, [{"image": str(volume)}], spatial_dims=2, context_slices=1) is None
+    mixed = input_dims_problem(tmp_path, [{"image": str(volume)}, *pictures], spatial_dims=2)
+    assert f"mixes volumes and 2D images, and a run segments one kind (the first, {volume}, is a volume)" in mixed
+    assert f"{pictures[0]['image']}, {pictures[1]['image']}; put each kind in a folder of its own" in mixed
+    context = input_dims_problem(tmp_path, pictures, spatial_dims=2, context_slices=1)
+    assert f"context_slices 1 neighbouring slices as channels, which 2D images lack: {pictures[0]['image']}" in context
+
+
+@pytest.mark.parametrize(
+    ("below", "why"),
+    [(True, "cannot be written (Not a directory)"), (False, "is a file, but output_dir must be a folder")],
+    ids=["unwritable", "a-file"],
+)
+def test_an_output_dir_that_cannot_hold_predictions_stops_before_any_case(
+    run3d: Path, dataset3d: Path, tmp_path: Path, below: bool, why: str
+) -> None:
+    """Unwritable: run as root, permission bits stop no write, but a folder below a regular file nobody can create."""
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    out = blocked / "out" if below else blocked
+    overrides = {"input_dir": dataset3d / "imagesTr", "output_dir": out}
+    result = run_bundle(run3d / "configs/inference.yaml", overrides, run_id="inference", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"error: output_dir {out} {why}: pass --output_dir with a folder" in result.stderr

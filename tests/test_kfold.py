@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from fire.parser import DefaultParseValue
 
 from custom_components.bundle import command_line_value
@@ -35,6 +36,7 @@ from custom_components.kfold.runner import CrossValidation, fold_environment, pr
 from custom_components.kfold.splits import KFoldError, describe_cases, load_splits, make_splits
 from custom_components.synthetic import write_dataset
 from tests.conftest import REPO, SMALL_2D, SMALL_3D, USER_CWD
+from tests.test_resume import UNSAFE_ADVICE, Payload, refusal
 
 CLASSES = ["organ", "lesion"]
 DATASET_JSON = Path("dataset.json")  # only named in error messages by the splitter
@@ -467,3 +469,144 @@ def test_print_commands_gives_one_job_per_fold_and_report_collects_what_ran(
     assert sorted(report["out_of_fold"]) == sorted(json.loads((output / "splits.json").read_text())[0]["val"])
     again = subprocess.run([*command, "--print-commands"], cwd=USER_CWD.name, capture_output=True, text=True)
     assert again.stdout.strip().splitlines() == [jobs[1]]  # the finished fold is not printed again
+
+
+# --- files of an output folder are data: a damaged or planted one is named with its fix, never run --------------
+
+
+def _refusal(argv: list[str]) -> str:
+    """The one line `python -m custom_components.kfold ARGV` exits with (a SystemExit text: no traceback)."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    message = str(stopped.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+RUN_AGAIN = (
+    "delete it and start `python -m custom_components.kfold run` again with the options the run was started with"
+)
+SELECT_AGAIN = "delete it and start the same `python -m custom_components.kfold select` command again"
+
+
+@pytest.fixture
+def planned(tmp_path: Path) -> Path:
+    """A K-fold output folder as `kfold run --print-commands` leaves it (kfold.json, cases.json, splits.json, no fold
+    trained yet), of 4 tiny cases in ``tmp_path/data``."""
+    dataset = write_dataset(tmp_path / "data", cases=4, seed=2, shape=(24, 24, 8))
+    prepare(Bundle.find(REPO / "bundles/unet3d"), dataset, tmp_path / "cv", 2, 0, "auto", None, 1, {}, None)
+    return tmp_path / "cv"
+
+
+def test_a_cut_off_kfold_json_is_named_with_the_fix(planned: Path, tmp_path: Path) -> None:
+    state = planned / "kfold.json"
+    text = state.read_text()
+    state.write_text(text[: len(text) // 2])  # a copy or a full disk cut it short
+    report = subprocess.run([*KFOLD, "report", str(planned)], cwd=USER_CWD.name, capture_output=True, text=True)
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr[-3000:]
+    image = tmp_path / "data" / "imagesTr" / "case_000.nii.gz"
+    predicted = _refusal(["predict", str(planned), "--images", str(image), "--out", str(tmp_path / "out")])
+    for message in (report.stderr, predicted):
+        assert f"error: {state} is damaged (not JSON: " in message and RUN_AGAIN in message, message
+        assert "(add --print-commands to rewrite it without training); finished folds are kept" in message
+    assert not (tmp_path / "out").exists() and not (planned / "report.json").exists()
+
+
+def test_kfold_json_values_are_checked_as_data_all_at_once(planned: Path) -> None:
+    path = planned / "kfold.json"
+    state = json.loads(path.read_text())
+    marker = planned / "PWNED_class"
+    damaged = {**state, "fold_count": "2", "max_epochs": None, "class_names": ["organ", f"$open({str(marker)!r}, 'w')"]}
+    del damaged["dataset_dir"]
+    path.write_text(json.dumps(damaged))
+    message = _refusal(["report", str(planned)])
+    problems = [
+        'dataset_dir is missing; class_names ["organ", "$open(',
+        "is not a list of class names (text, none starting with $, @ or %)",
+        'max_epochs null is not a number of epochs; fold_count "2" is not a number of folds): ' + RUN_AGAIN,
+    ]
+    assert message.startswith(f"error: {path} is damaged ({problems[0]}"), message
+    assert all(problem in message for problem in problems[1:]), message
+    path.write_text(json.dumps({**state, "num_classes": 5}))  # each field right, but not together
+    assert "(num_classes 5 is not 1 + the 2 class_names)" in _refusal(["report", str(planned)])
+    assert not marker.exists() and not (planned / "report.json").exists()
+
+
+def test_report_names_a_kfold_json_whose_classes_are_not_the_folds(
+    cross_validation: SimpleNamespace, tmp_path: Path
+) -> None:
+    output = Path(shutil.copytree(cross_validation.output, tmp_path / "cv"))
+    path = output / "kfold.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "class_names": ["organ", "tumour"]}))
+    message = _refusal(["report", str(output)])
+    differ = "class_names ['organ', 'tumour'] are not the classes the folds scored: fold_0/evaluation/evaluation.json"
+    assert message.startswith(f"error: {path} is damaged ({differ} scores ['organ', 'lesion']; "), message
+    assert RUN_AGAIN in message
+    path.write_text(json.dumps(state))  # kfold.json restored: a fold's damaged scores are named next
+    evaluation = output / "fold_1" / "evaluation" / "evaluation.json"
+    evaluation.write_text(evaluation.read_text()[:100])
+    message = _refusal(["report", str(output)])
+    assert f"error: {evaluation} is damaged (not JSON: " in message and message.endswith(": the fold is scored again")
+    assert (output / "report.json").read_bytes() == (cross_validation.output / "report.json").read_bytes()
+
+
+def test_predict_refuses_a_planted_fold_model(cross_validation: SimpleNamespace, tmp_path: Path) -> None:
+    output = Path(shutil.copytree(cross_validation.output, tmp_path / "cv"))
+    marker = tmp_path / "executed"
+    model = output / "fold_1" / "models" / "model.pt"
+    torch.save({"model.0.conv.weight": Payload(marker)}, model)
+    image = cross_validation.dataset / "imagesTr" / "case_000.nii.gz"
+    message = _refusal(["predict", str(output), "--images", str(image), "--out", str(tmp_path / "out")])
+    assert message == f"error: fold_1: {refusal(model)}use a models/model.pt that a training run wrote", message
+    assert UNSAFE_ADVICE not in message and not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_planted_plan_in_select_json_is_refused_not_run(dataset3d: Path, tmp_path: Path) -> None:
+    """select.json's plans are handed to every fold's training: one that is not literal stops the selection,
+    named, before anything is parsed or trained."""
+    output = tmp_path / "selection"
+    output.mkdir()
+    marker = tmp_path / "PWNED_plan"
+    planted = f"$__import__('pathlib').Path({str(marker)!r}).touch()"
+    state = {  # what `kfold select --folds 2 --bundles unet3d` records, with a plan that would run code
+        "bundles": {"unet3d": str((REPO / "bundles" / "unet3d").resolve())},
+        "dataset_dir": str(dataset3d.resolve()),
+        "folds": 2,
+        "seed": 0,
+        "overrides": {"all": {}},
+        "time_budget_min": None,
+        "memory_gb": 8.0,
+        "plans": {"unet3d": {"spacing": [0.8, 0.8, 2.5], "data#description": planted}},
+    }
+    (output / "select.json").write_text(json.dumps(state))
+    argv = ["select", "--dataset_dir", str(dataset3d), "--output", str(output), "--folds", "2", "--bundles", "unet3d"]
+    message = _refusal(argv)
+    assert message.startswith(
+        f"error: {output / 'select.json'} is damaged (plans#unet3d#data#description is a MONAI expression, reference "
+        "or macro ($, @ or % first), which the folds' training would run as code"
+    ), message
+    assert SELECT_AGAIN in message
+    assert not marker.exists() and not (output / "unet3d").exists() and not (output / "splits.json").exists()
+
+
+def test_damaged_selection_files_are_named_with_the_fix(tmp_path: Path) -> None:
+    output = tmp_path / "selection"
+    output.mkdir()
+    (output / "select.json").write_text('{"bundles": {"unet3d": "/bund')  # cut short
+    message = _refusal(["report", str(output)])
+    assert f"error: {output / 'select.json'} is damaged (not JSON: " in message and SELECT_AGAIN in message
+    marker = tmp_path / "PWNED_selection"
+    selection = {
+        "winner": "unet3d",
+        "ranking": ["unet3d"],
+        "configurations": {"unet3d": {"members": f"$open({str(marker)!r}, 'w')"}},
+        "plans": {"unet3d": {}},
+    }
+    (output / "selection.json").write_text(json.dumps(selection))
+    message = _refusal(["predict", str(output), "--images", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert message.startswith(f"error: {output / 'selection.json'} is damaged (configurations "), message
+    assert message.endswith(
+        f": run `python -m custom_components.kfold report {output}` to write it again from the folds"
+    )
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -165,6 +165,18 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+UNSAFE_ADVICE = "`weights_only` set to `False`"  # PyTorch's advice on a refused pickle: it would run the payload
+ORIGIN = "weights and checkpoints come from a training run (its models/model.pt and models/checkpoint_last.pt)"
+
+
+def refusal(path: Path, holds: str = "it calls posix.system") -> str:
+    """The start of the message for a planted file: what it is not, that it may execute code, where files come from."""
+    return (
+        f"{path} is not a weights or checkpoint file of tensors and plain values ({holds}): it may execute code, so "
+        f"it was not loaded; {ORIGIN}: "
+    )
+
+
 def test_checkpoints_are_read_as_tensors_and_plain_values(run3d: Path, tmp_path: Path) -> None:
     state = read_checkpoint(run3d / "models/checkpoint_last.pt")  # what a run writes loads with weights_only
     assert set(state) == {"network", "optimizer", "lr_scheduler", "report", "time_budget", "early_stop", "engine"}
@@ -176,9 +188,14 @@ def test_checkpoints_are_read_as_tensors_and_plain_values(run3d: Path, tmp_path:
     marker.unlink()
     legacy = tmp_path / "legacy.pt"
     legacy.write_bytes(pickle.dumps(Payload(marker)))  # the pre-zip format too
-    for path in (planted, legacy):
-        with pytest.raises(CheckpointError, match="not a checkpoint of tensors and plain values .*may execute code"):
+    expected = {planted: refusal(planted), legacy: refusal(legacy, "it holds pickled objects that are not tensors")}
+    for path, start in expected.items():
+        with pytest.raises(CheckpointError) as refused:
             read_checkpoint(path)
+        message = str(refused.value)
+        assert message == start + "delete it or start a new output_dir", message
+        assert UNSAFE_ADVICE not in message and "Re-running" not in message
+        assert refused.value.__cause__ is None and refused.value.__context__ is None  # no PyTorch text behind it
     assert not marker.exists()
 
 
@@ -190,5 +207,30 @@ def test_planted_checkpoint_is_refused_not_executed(run3d: Path, tmp_path: Path)
     result = run_bundle(run / "configs/train.yaml", {}, check=False)  # resumed from its own config
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert not marker.exists(), "the planted checkpoint was executed"
-    assert f"{checkpoint} is not a checkpoint of tensors and plain values" in result.stderr
-    assert "it may execute code; delete it or start a new output_dir" in result.stderr
+    assert refusal(checkpoint) + "delete it or start a new output_dir" in result.stderr
+    assert UNSAFE_ADVICE not in result.stderr
+
+
+def test_planted_model_is_refused_not_executed_by_inference_and_evaluation(
+    run3d: Path, dataset3d: Path, tmp_path: Path
+) -> None:
+    """models/model.pt, which a run folder's inference.yaml and evaluate.yaml load (handlers.ModelLoader), is read
+    as tensors only: a planted one stops the run, named, before any case is read, and its payload never runs."""
+    run = Path(shutil.copytree(run3d, tmp_path / "run"))
+    marker = tmp_path / "executed"
+    model = run / "models/model.pt"
+    torch.save({"model.0.conv.weight": Payload(marker)}, model)
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    shutil.copy(dataset3d / "imagesTr" / "case_001.nii.gz", inputs)
+    runs = {
+        "inference": ("inference.yaml", {"input_dir": inputs, "output_dir": tmp_path / "predictions"}),
+        "evaluating": ("evaluate.yaml", {"output_dir": tmp_path / "evaluation"}),
+    }
+    for run_id, (config, overrides) in runs.items():
+        result = run_bundle(run / "configs" / config, overrides, run_id=run_id, check=False)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (run_id, result.stderr[-3000:])
+        assert not marker.exists(), f"{run_id} executed the planted model.pt"
+        assert refusal(model) + "use a models/model.pt that a training run wrote" in result.stderr, run_id
+        assert UNSAFE_ADVICE not in result.stderr
+        assert not list(overrides["output_dir"].rglob("*_seg.nii.gz")), f"{run_id} went on to the cases"

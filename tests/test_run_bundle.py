@@ -15,6 +15,7 @@ import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_net_in_out
 
 from custom_components import render
+from custom_components.run_bundle import run_values
 from tests.conftest import REPO, SMALL_3D, read_metrics, run_bundle
 
 BUNDLES = ("unet3d", "unet2d")
@@ -148,3 +149,14 @@ def test_a_bundle_copied_alone_trains_from_its_own_folder(dataset3d: Path, tmp_p
     out = copy.parent / "runs" / "copied"  # relative output_dir: under the user's working directory
     assert read_metrics(out)["epochs"] == 1
     assert (out / "configs" / "inference.yaml").read_text().startswith("# Segment new images")
+
+
+def test_a_value_the_run_configs_would_evaluate_is_never_written() -> None:
+    """The last guard before a run folder's configs are written: resolved values are data, so one that MONAI's
+    parser would evaluate there (whatever let it through) stops the run, naming where it sits."""
+    values = {"class_names": ["organ", "$print('ran')"], "modality": {"0": "@network_def"}, "spacing": [1, 1, 2]}
+    with pytest.raises(SystemExit) as stopped:
+        run_values(values)
+    message = str(stopped.value.code)
+    assert "class_names#1 = " in message and "modality#0 = " in message and "spacing" not in message
+    assert run_values({"class_names": ["organ", "lesion $1"]}) == {"class_names": ["organ", "lesion $1"]}

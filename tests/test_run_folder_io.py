@@ -20,7 +20,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components import handlers
+from custom_components import handlers, runlock
 from custom_components.data import (
     DatasetError,
     OutputDirError,
@@ -310,6 +310,42 @@ def test_an_unwritable_output_dir_stops_before_caching(dataset3d: Path, tmp_path
     _stopped_before_caching(result, "error: ")
     # whichever check meets it first (the run-folder lock or the output_dir check) names the folder and the fix
     assert str(run) in result.stderr and "cannot be" in result.stderr and "--output_dir" in result.stderr
+
+
+def test_an_output_dir_naming_a_file_stops_before_caching(dataset3d: Path, tmp_path: Path) -> None:
+    run = tmp_path / "a_file"
+    run.write_text("not a folder")
+    result = run_bundle(TRAIN_3D, {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": run}, check=False)
+    _stopped_before_caching(result, f"error: output_dir {run} is a file, but output_dir must be a folder: pass")
+    assert run.read_text() == "not a folder"
+
+
+def test_a_run_stopped_before_training_leaves_the_folders_as_it_found_them(dataset3d: Path, tmp_path: Path) -> None:
+    """Bad data or settings found after the run folder was locked: no folder the run created, no lock file left."""
+    new = tmp_path / "new" / "run"
+    overrides = {**SMALL_3D, "dataset_dir": tmp_path / "missing", "output_dir": new}
+    result = run_bundle(TRAIN_3D, overrides, check=False)
+    assert result.returncode != 0 and f"dataset_dir {tmp_path / 'missing'} does not exist" in result.stderr
+    assert not (tmp_path / "new").exists()
+    found = tmp_path / "found"
+    found.mkdir()
+    (found / "notes.txt").write_text("the user's")
+    overrides = {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": found, "fold": 9, "num_folds": 4}
+    result = run_bundle(TRAIN_3D, overrides, check=False)
+    assert result.returncode != 0 and "fold=9 num_folds=4" in result.stderr and "Traceback" not in result.stderr
+    assert [path.name for path in found.iterdir()] == ["notes.txt"]
+
+
+def test_a_run_folder_written_into_keeps_its_lock_file(tmp_path: Path) -> None:
+    """Once anything was written into the locked folder, nothing is removed there when the run ends."""
+    lock = runlock.RunLock(tmp_path / "new" / "run").acquire()
+    (lock.folder / "metrics.json").write_text("{}")
+    lock.discard_if_unused()
+    assert sorted(path.name for path in lock.folder.iterdir()) == [runlock.LOCK_FILE, "metrics.json"]
+    lock.release()
+    unused = runlock.RunLock(tmp_path / "other" / "run").acquire()
+    unused.discard_if_unused()
+    assert not unused.held and not (tmp_path / "other").exists()
 
 
 def test_a_full_output_dir_stops_before_caching(

@@ -101,6 +101,60 @@ def test_an_expression_planted_in_a_plan_file_is_refused_and_not_run(dataset3d: 
     _nothing_written(tmp_path / "run")
 
 
+def test_a_plan_file_is_read_as_data_and_the_command_line_wins(dataset3d: Path, tmp_path: Path) -> None:
+    """`--plan_file`: the plan's values replace the bundle's defaults (a part of a key too), a key set on the command
+    line is kept, and a value the check converts (a boolean as text) is converted."""
+    plan = tmp_path / "plan_3d.yaml"
+    plan.write_text(
+        "patch_size: [32, 32, 16]\nseed: 7\nlearning_rate: 3e-3\nintensity#window: [-100, 200]\namp: 'false'\n"
+    )
+    workflow = ConfigWorkflow(
+        config_file=str(REPO / TRAIN_3D),
+        workflow_type="train",
+        logging_file=False,
+        **{**{k: yaml.safe_load(v) for k, v in SMALL_3D.items() if k != "patch_size"}, "seed": 2},
+        dataset_dir=str(dataset3d),
+        output_dir=str(tmp_path / "run"),
+        plan_file=str(plan),
+    )
+    workflow.initialize()
+    parsed = workflow.parser.get_parsed_content
+    assert parsed("patch_size") == [32, 32, 16] and parsed("learning_rate") == 0.003  # from the plan
+    assert parsed("intensity") == {"scheme": "ct_window", "window": [-100, 200], "mean": None, "std": None}
+    assert parsed("amp") is False
+    assert parsed("seed") == 2  # the command line's
+    _nothing_written(tmp_path / "run")
+
+
+def test_code_in_a_plan_file_never_runs(dataset3d: Path, tmp_path: Path) -> None:
+    """A plan file that sets a wiring id, replaces `initialize` (which holds the settings check), sets a nested id
+    of the wiring or puts an expression in a setting: every entry refused at once, naming the file, none run."""
+    markers = [tmp_path / f"planted{i}" for i in range(4)]
+    touch = [f"$__import__('pathlib').Path('{marker}').touch()" for marker in markers]
+    plan = tmp_path / "plan_3d.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "network_in_channels": touch[0],
+                "initialize": [touch[1]],
+                "train#trainer#max_epochs": touch[2],
+                "channels": touch[3],
+                "spacing": [0.8, 0.8, 2.5],
+            }
+        )
+    )
+    out = tmp_path / "run"
+    overrides = {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": out, "plan_file": plan}
+    result = run_bundle(TRAIN_3D, overrides, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    message = result.stderr[result.stderr.index("error: 4 settings") :]
+    for id in ("network_in_channels", "initialize", "train#trainer#max_epochs"):
+        assert f"{id} (in plan_file {plan}) = " in message and "is not a setting of this bundle" in message
+    assert f"channels (in plan_file {plan}) = " in message and "a plan file is data; give a literal value" in message
+    assert not any(marker.exists() for marker in markers)
+    _nothing_written(out)
+
+
 # --- prepare plan --set, kfold run --set -----------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ of them killed and started again; its report and best.yaml; bad options; pruning
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -16,13 +17,15 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from monai.bundle import ConfigParser
 
+from custom_components import settings
+from custom_components.plan_file import read_plan
 from custom_components.sweep import study as study_module
 from custom_components.sweep.__main__ import main
+from custom_components.sweep.report import write_report
 from custom_components.sweep.space import parse_space
 from custom_components.sweep.study import room_for_trial, surplus
-from custom_components.sweep.trial import watch
+from custom_components.sweep.trial import Sweep, TrialFailed, run_trial, watch
 from tests.conftest import REPO, SMALL_3D, USER_CWD, run_bundle
 
 # 4, not 3: whichever process finishes a trial first, A then trains one more (a third trial if A finished first, a
@@ -143,17 +146,17 @@ def test_report_ranks_trials_and_writes_best_settings(shared: SharedSweep, capsy
     assert overlay["learning_rate"] == best["settings"]["learning_rate"]
     assert overlay["dropout"] == best["settings"]["dropout"]
     assert overlay["patch_size"] == [32, 32, 16] and overlay["max_epochs"] == 2
-    # MONAI merges best.yaml over train.yaml (as --config_file "['train.yaml','best.yaml']" does)
-    merged = ConfigParser.load_config_files([REPO / "bundles/unet3d/configs/train.yaml", shared.output / "best.yaml"])
-    assert merged["learning_rate"] == best["settings"]["learning_rate"] and merged["channels"] == [16, 32, 64]
+    # a plan file the bundle takes as it is (--plan_file): its settings only, literal values
+    plan = read_plan(shared.output / "best.yaml", settings.declarations("unet3d"), "listing")
+    assert plan.problems == [] and plan.values == overlay
 
 
 def test_the_final_model_trains_with_best_yaml_over_the_bundle(shared: SharedSweep, dataset3d: Path) -> None:
-    """The README's final training: --config_file "['train.yaml','best.yaml']" trains what the best trial trained."""
+    """The README's final training: --plan_file best.yaml trains what the best trial trained."""
     best = json.loads((shared.output / "sweep_report.json").read_text())["best"]
     final = shared.output / "final"
-    configs = ["bundles/unet3d/configs/train.yaml", shared.output / "best.yaml"]
-    run_bundle(configs, {"dataset_dir": dataset3d, "output_dir": final})
+    overrides = {"plan_file": shared.output / "best.yaml", "dataset_dir": dataset3d, "output_dir": final}
+    run_bundle("bundles/unet3d/configs/train.yaml", overrides)
     trained = yaml.safe_load((final / "configs" / "train.yaml").read_text().split("# Wiring:")[0])
     assert trained["learning_rate"] == pytest.approx(best["settings"]["learning_rate"])
     assert trained["dropout"] == pytest.approx(best["settings"]["dropout"])
@@ -269,3 +272,48 @@ def test_a_trial_that_never_beat_is_failed_and_queued_again(tmp_path: Path, monk
     trials = study.get_trials()
     assert [trial.state.name for trial in trials] == ["FAIL", "RUNNING", "WAITING"]
     assert trials[2].params == silent.params  # queued once more with the same settings
+
+
+def test_a_queued_trial_outside_the_space_is_failed_not_run(tmp_path: Path) -> None:
+    """Settings the study's storage queues for a trial (a shared storage, a planted study.db) are Optuna's to check
+    against --space: one that is not a value of it fails the trial, named with the storage, and reaches no command."""
+    marker = tmp_path / "PWNED_trial"
+    url = study_module.storage_url(tmp_path, None)
+    study = study_module.open_study(url, "sweep")
+    study.enqueue_trial({"norm": f"$__import__('pathlib').Path({str(marker)!r}).touch()"})
+    spaces = (parse_space("norm=choice:batch,instance"),)
+    sweep = Sweep(REPO / "bundles" / "unet3d", tmp_path / "data", tmp_path, spaces, {}, folds=None, trials=1)
+    trial = study.ask()
+    with pytest.raises(TrialFailed) as failed:
+        run_trial(sweep, trial, study_module.shown_url(url))
+    message = str(failed.value)
+    study_file = tmp_path / "study.db"
+    assert message.startswith(f"sqlite:///{study_file} holds settings for it that are not values of --space ("), message
+    assert "not run, the sweep goes on with trials it draws" in message
+    assert study.get_trials()[0].user_attrs["error"] == message  # what the log and the report show
+    assert not marker.exists() and not (tmp_path / "trial_000").exists()
+
+
+def test_best_yaml_takes_no_expression_from_the_study(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """best.yaml is a config: a value the study holds (its --set keys, a trial's settings) that MONAI would run is
+    not written into it; the warning names the storage that holds it."""
+    marker = tmp_path / "PWNED_best"
+    planted = f"$__import__('pathlib').Path({str(marker)!r}).touch()"
+    url = study_module.storage_url(tmp_path, None)
+    study = study_module.open_study(url, "sweep")
+    study.set_user_attr(study_module.OPTIONS_ATTR, {"set": {"network_def": planted}, "folds": None})
+    rate = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    settings = {"learning_rate": 1e-3, "loss": planted}
+    trial = optuna.trial.create_trial(
+        params={"learning_rate": 1e-3},
+        distributions={"learning_rate": rate},
+        value=0.5,
+        user_attrs={"settings": settings},
+    )
+    study.add_trial(trial)
+    with caplog.at_level(logging.WARNING):
+        report = write_report(tmp_path)
+    assert report["best_config"] is None and not (tmp_path / "best.yaml").exists()
+    storage = study_module.shown_url(url)
+    assert f"network_def, loss, as the study in {storage} holds them, would be evaluated by MONAI" in caplog.text
+    assert not marker.exists()

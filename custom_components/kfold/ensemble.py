@@ -12,7 +12,6 @@ the class probabilities. Nothing of kfold.json reaches the config parser.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,11 +28,14 @@ from custom_components.handlers import MODEL_FILE, ModelError, atomic_write_json
 from custom_components.imageio import read_image
 from custom_components.kfold.evaluation import dice_scores, label_dice
 from custom_components.kfold.layout import (
+    ENSEMBLE_FIELDS,
+    ENSEMBLE_FIX,
     ENSEMBLE_TEST_FILE,
     INFERENCE_CONFIG,
     Fold,
     fold_finished,
     fold_layout,
+    read_record,
     read_state,
 )
 from custom_components.kfold.splits import KFoldError
@@ -165,8 +167,8 @@ def score_test_cases(output: str | Path) -> dict[str, Any] | None:
     folds = [fold.name for fold in ensemble_folds(output, state)]
     path = output / ENSEMBLE_TEST_FILE
     if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous.get("models") == folds:
+        previous = read_record(path, ENSEMBLE_FIELDS, ENSEMBLE_FIX, ENSEMBLE_FIX)
+        if previous["models"] == folds:
             return previous
     checked = check_datalist(
         {**description, "training": tests}, state["dataset_dir"], state["num_classes"], state["image_dims"]

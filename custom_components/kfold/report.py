@@ -22,18 +22,36 @@ import torch
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.kfold.evaluation import DICE_SPACE, postprocess_effects
 from custom_components.kfold.layout import (
+    CASE_FIELDS,
     CASES_FILE,
+    ENSEMBLE_FIELDS,
+    ENSEMBLE_FIX,
     ENSEMBLE_TEST_FILE,
     EVALUATION_FILE,
     FAILED_FILE,
+    FAILED_FIX,
+    FOLD_FIX,
     IDENTITY,
+    METRICS_FILE,
+    REMADE_FIX,
+    SCORE_FIX,
+    SPLIT_FIELDS,
     SPLITS_FILE,
+    STATE_FILE,
+    STATE_FIX,
+    Field,
     Fold,
     fold_finished,
     fold_layout,
+    is_mapping,
+    is_number,
+    optional,
     read_json,
+    read_list,
+    read_record,
     read_state,
 )
+from custom_components.kfold.splits import KFoldError
 from custom_components.metrics import EMPTY_POLICY
 from custom_components.metrics import summary as metric_summary
 
@@ -81,6 +99,14 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+# The fields of a fold's evaluation.json that the report reads (per-case scores are keyed by the class names too).
+EVALUATION_FIELDS: dict[str, Field] = {
+    "mean_dice": ("a Dice or null", optional(is_number)),
+    "dice_per_class": ("an object of class names to Dice", is_mapping),
+    "cases": ("an object of case ids to scores", is_mapping),
+}
+
+
 def _fold_entry(fold: Fold, split: Mapping[str, list[str]], max_epochs: int) -> dict[str, Any]:
     """One fold's row: its status, cases and scores (scores only once it is finished)."""
     entry: dict[str, Any] = {
@@ -94,11 +120,11 @@ def _fold_entry(fold: Fold, split: Mapping[str, list[str]], max_epochs: int) -> 
     }
     failure = fold.path / FAILED_FILE
     if failure.is_file():
-        entry.update(status="failed", failure=json.loads(failure.read_text()))
+        entry.update(status="failed", failure=read_json(failure, FAILED_FIX, FAILED_FIX))
     if not fold_finished(fold.path, max_epochs):
         return entry
-    metrics = json.loads((fold.path / "metrics.json").read_text())
-    evaluation = json.loads((fold.path / EVALUATION_FILE).read_text())
+    metrics = read_json(fold.path / METRICS_FILE, FOLD_FIX, FOLD_FIX)  # an object: fold_finished checked it
+    evaluation = read_record(fold.path / EVALUATION_FILE, EVALUATION_FIELDS, SCORE_FIX, SCORE_FIX)
     entry.update(
         status="finished",
         mean_dice=evaluation["mean_dice"],
@@ -201,15 +227,44 @@ def _verdict(fold_spread: Mapping[str, Any], threshold: float, repeat_spread: Ma
     return {"stable": stable, "text": text, "cv_threshold": threshold}
 
 
+def _check_classes(output: Path, class_names: Sequence[str], scored: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """kfold.json's class_names must be the classes each scores file (a finished fold's evaluation.json, written
+    from the fold's own configs; the ensemble's test Dice) holds: the report looks the scores up by them."""
+    differ = [f"{path} scores {list(per_class)}" for path, per_class in scored if list(per_class) != list(class_names)]
+    if differ:
+        raise KFoldError(
+            f"{output / STATE_FILE} is damaged (class_names {list(class_names)} are not the classes the folds scored: "
+            f"{'; '.join(differ)}): {STATE_FIX}"
+        )
+
+
 def build_report(output: Path, cv_threshold: float = 0.1) -> dict[str, Any]:
     """The report of the run in ``output`` as a dict (what ``report.json`` holds)."""
     state = read_state(output)
-    splits = read_json(output / SPLITS_FILE, "start the run with `kfold run`")
-    cases = read_json(output / CASES_FILE, "start the run with `kfold run`")
+    splits = read_list(output / SPLITS_FILE, SPLIT_FIELDS, "start the run with `kfold run`", count=state["split_count"])
+    cases = read_list(output / CASES_FILE, CASE_FIELDS, "start the run with `kfold run`")
+    unlisted = sorted({case for split in splits for case in split["val"]} - {case["case"] for case in cases})
+    if unlisted:
+        raise KFoldError(f"{output / CASES_FILE} is damaged (it lacks {', '.join(unlisted)}): {REMADE_FIX}")
     class_names = state["class_names"]
     layout = fold_layout(output, state["fold_count"], state["split_count"])
     folds = [_fold_entry(fold, splits[fold.index], state["max_epochs"]) for fold in layout]
     finished = [fold for fold in folds if fold["status"] == "finished"]
+    ensemble_path = output / ENSEMBLE_TEST_FILE
+    if ensemble_path.is_file():
+        ensemble = {"measured": True, **read_record(ensemble_path, ENSEMBLE_FIELDS, ENSEMBLE_FIX, ENSEMBLE_FIX)}
+        ensemble["note"] = f"softmax average of {len(ensemble['models'])} fold models on the labelled test cases"
+    else:
+        ensemble = {
+            "measured": False,
+            "note": "not measured: dataset.json lists no `test` case with a label. Every training case was seen by "
+            "all but one fold, so the ensemble has no fair validation case; the out-of-fold Dice estimates one "
+            "fold model, and the ensemble is usually at least as good",
+        }
+    scored = [(f"{fold['name']}/{EVALUATION_FILE}", fold["dice_per_class"]) for fold in finished]
+    if ensemble["measured"]:
+        scored.append((str(ENSEMBLE_TEST_FILE), ensemble["dice_per_class"]))
+    _check_classes(output, class_names, scored)
     oof = out_of_fold(finished, class_names)
     case_means = _scored([score["mean_dice"] for score in oof.values()])
     summary = {
@@ -244,17 +299,6 @@ def build_report(output: Path, cv_threshold: float = 0.1) -> dict[str, Any]:
             done = _scored([fold.get("mean_dice") for fold in finished if fold["repeat"] == repeat])
             per_repeat.append(_mean(done))
         repeats = {"mean_dice_per_repeat": per_repeat, "spread": spread(_scored(per_repeat))}
-    ensemble_path = output / ENSEMBLE_TEST_FILE
-    if ensemble_path.is_file():
-        ensemble = {"measured": True, **json.loads(ensemble_path.read_text())}
-        ensemble["note"] = f"softmax average of {len(ensemble['models'])} fold models on the labelled test cases"
-    else:
-        ensemble = {
-            "measured": False,
-            "note": "not measured: dataset.json lists no `test` case with a label. Every training case was seen by "
-            "all but one fold, so the ensemble has no fair validation case; the out-of-fold Dice estimates one "
-            "fold model, and the ensemble is usually at least as good",
-        }
     for fold in folds:
         fold.pop("cases", None)  # per-case scores live in out_of_fold
     report = {

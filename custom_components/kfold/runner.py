@@ -37,17 +37,22 @@ from custom_components.handlers import atomic_write_json
 from custom_components.kfold.bundle import Bundle
 from custom_components.kfold.ensemble import score_test_cases
 from custom_components.kfold.layout import (
+    CASE_FIELDS,
     CASES_FILE,
     EVALUATE_CONFIG,
     EVALUATION_DIR,
     EVALUATION_FILE,
     FAILED_FILE,
     IDENTITY,
+    REMADE_FIX,
+    SPLIT_FIELDS,
     SPLITS_FILE,
     STATE_FILE,
     Fold,
     fold_finished,
     fold_layout,
+    read_list,
+    read_state,
     training_finished,
 )
 from custom_components.kfold.report import write_report
@@ -213,11 +218,11 @@ def run_folds(cv: CrossValidation, folds: Sequence[Fold], parallel: int) -> list
     return failures
 
 
-def _check_identity(path: Path, state: Mapping[str, Any]) -> None:
+def _check_identity(output: Path, state: Mapping[str, Any]) -> None:
     """A run started again must use the options it was started with; name those that differ."""
-    if not path.is_file():
+    if not (output / STATE_FILE).is_file():
         return
-    previous = json.loads(path.read_text())
+    previous = read_state(output)
 
     def option(key: str, value: Any) -> str:
         if key == "overrides":
@@ -227,7 +232,7 @@ def _check_identity(path: Path, state: Mapping[str, Any]) -> None:
     changed = changed_options(previous, state, IDENTITY, option)
     if changed:
         raise KFoldError(
-            f"{path.parent} was started with other options: {', '.join(changed)}. Pass the same options to resume "
+            f"{output} was started with other options: {', '.join(changed)}. Pass the same options to resume "
             "it, or a new --output for a new cross-validation"
         )
 
@@ -275,14 +280,14 @@ def prepare(
         "image_dims": int(parsed["image_dims"]),
         "max_epochs": int(parsed["max_epochs"]),
     }
-    _check_identity(output / STATE_FILE, state)
+    _check_identity(output, state)
     cases_path, splits_path = output / CASES_FILE, output / SPLITS_FILE
     if cases_path.is_file():
-        cases = json.loads(cases_path.read_text())
+        cases = read_list(cases_path, CASE_FIELDS, REMADE_FIX)
     else:
         cases = describe_cases(datalist, state["class_names"], state["image_dims"])
     if splits_path.is_file():
-        splits = json.loads(splits_path.read_text())
+        splits = read_list(splits_path, SPLIT_FIELDS, REMADE_FIX)
     elif splits_file:
         splits = load_splits(splits_file, [case["case"] for case in cases])
     else:

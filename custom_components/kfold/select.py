@@ -28,14 +28,31 @@ import numpy as np
 import torch
 
 from custom_components import settings
-from custom_components.bundle import changed_options
+from custom_components.bundle import changed_options, expression_ids
 from custom_components.data import case_id, check_datalist, load_dataset_json
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.imageio import read_image
 from custom_components.kfold.bundle import Bundle, parse_set
 from custom_components.kfold.ensemble import predict
 from custom_components.kfold.evaluation import label_dice
-from custom_components.kfold.layout import PREDICTIONS_DIR, SPLITS_FILE, STATE_FILE, fold_layout, read_json
+from custom_components.kfold.layout import (
+    PREDICTIONS_DIR,
+    SPLIT_FIELDS,
+    SPLITS_FILE,
+    Field,
+    fold_layout,
+    is_mapping,
+    is_name,
+    is_names,
+    is_number,
+    is_positive,
+    is_text,
+    is_whole,
+    optional,
+    read_list,
+    read_record,
+    read_state,
+)
 from custom_components.kfold.report import bootstrap_ci
 from custom_components.kfold.runner import complete_cv, plan_cv
 from custom_components.kfold.splits import KFoldError, describe_cases, make_splits
@@ -51,6 +68,83 @@ ENSEMBLE_JOIN = "+"  # an ensemble's name: its members joined, e.g. unet2d+unet3
 DEFAULT_BUNDLES = ("unet2d", "unet3d")
 SELECT_IDENTITY = ("bundles", "dataset_dir", "folds", "seed", "overrides", "time_budget_min", "memory_gb")
 PROBABILITIES = {"save_probabilities": True}  # each fold's scoring keeps its validation cases' probabilities
+NOT_A_SELECTION = "pass the --output folder of `python -m custom_components.kfold select`"
+# What restores a damaged file of a selection folder: the same `kfold select` command writes it again.
+SELECT_AGAIN = "start the same `python -m custom_components.kfold select` command again"
+SELECT_FIX = f"delete it and {SELECT_AGAIN}: the bundles are planned anew (or select into a new --output)"
+BUNDLE_FIX = f"delete it and {SELECT_AGAIN}: it is written again; finished folds are kept"
+SELECT_SPLITS_FIX = f"delete it and {SELECT_AGAIN}: it is made again, as before, from dataset.json and --seed"
+
+
+def _bundle_names(value: Any) -> bool:
+    return (
+        isinstance(value, dict) and bool(value) and all(is_name(key) and is_text(path) for key, path in value.items())
+    )
+
+
+def _plans(value: Any) -> bool:
+    return isinstance(value, dict) and all(is_name(key) and is_mapping(plan) for key, plan in value.items())
+
+
+def _configurations(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        is_name(key) and is_mapping(c) and is_names(c.get("members")) for key, c in value.items()
+    )
+
+
+# select.json: the selection's options (compared on a restart) and each bundle's plan (handed to its folds)
+SELECT_FIELDS: dict[str, Field] = {
+    "bundles": ("an object of bundle names to folders", _bundle_names),
+    "dataset_dir": ("a folder path", is_text),
+    "folds": ("a number of folds", is_positive),
+    "seed": ("a whole number", is_whole),
+    "overrides": ("an object of --set keys", is_mapping),
+    "time_budget_min": ("minutes or null", optional(is_number)),
+    "memory_gb": ("gigabytes", is_number),
+    "plans": ("an object of bundle names to their planned keys", _plans),
+}
+# selection.json: what `kfold predict` reads of it
+SELECTION_FIELDS: dict[str, Field] = {
+    "winner": ("a configuration name", is_name),
+    "ranking": ("a list of configuration names", is_names),
+    "configurations": ("an object of configuration names to their members", _configurations),
+    "plans": ("an object of bundle names to their planned keys", _plans),
+}
+
+
+def _literal_plans(state: dict[str, Any]) -> list[str]:
+    """A plan holds the literal values ``prepare plan`` chose; each fold's command line gets them, and MONAI would run
+    an expression, reference or macro there as code."""
+    return [
+        f"plans#{id} is a MONAI expression, reference or macro ($, @ or % first), which the folds' training would run "
+        "as code; a plan holds literal values only"
+        for id in expression_ids(state["plans"])
+    ]
+
+
+def _members_planned(selection: dict[str, Any]) -> list[str]:
+    """Each configuration's members are planned bundles (folders of the selection), and the winner is one of them."""
+    problems = [
+        f"configurations#{configuration}#members names {member}, which has no plan"
+        for configuration, entry in selection["configurations"].items()
+        for member in entry["members"]
+        if member not in selection["plans"]
+    ]
+    if selection["winner"] not in selection["configurations"]:
+        problems.append(f"winner {selection['winner']} is not one of its configurations")
+    return problems
+
+
+def read_select_state(output: Path, missing: str = NOT_A_SELECTION) -> dict[str, Any]:
+    """The selection's ``select.json``, its fields checked and its plans literal (:data:`SELECT_FIELDS`)."""
+    return read_record(output / SELECT_STATE, SELECT_FIELDS, missing, SELECT_FIX, [_literal_plans])
+
+
+def read_selection(output: Path) -> dict[str, Any]:
+    """The selection's ``selection.json`` as ``kfold predict`` reads it, its fields checked."""
+    rewrite = f"run `python -m custom_components.kfold report {output}` to write it again from the folds"
+    missing = "run `python -m custom_components.kfold select` to the end first"
+    return read_record(output / SELECTION_FILE, SELECTION_FIELDS, missing, rewrite, [_members_planned])
 
 
 def find_bundles(names: Sequence[str]) -> dict[str, Bundle]:
@@ -82,10 +176,8 @@ def split_sets(pairs: Sequence[str] | None, names: Sequence[str]) -> tuple[dict[
     return parse_set(common), {name: parse_set(items) for name, items in per_bundle.items()}
 
 
-def _check_identity(path: Path, state: Mapping[str, Any]) -> None:
-    """A selection started again must use the options it was started with; name those that differ."""
-    if not path.is_file():
-        return
+def _check_identity(output: Path, previous: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """A selection started again must use the options it was started with (``previous``); name those that differ."""
 
     def option(key: str, value: Any) -> str:
         if key == "overrides":
@@ -96,10 +188,10 @@ def _check_identity(path: Path, state: Mapping[str, Any]) -> None:
             )
         return f"--{key} {' '.join(value) if key == 'bundles' else value}"
 
-    changed = changed_options(json.loads(path.read_text()), state, SELECT_IDENTITY, option)
+    changed = changed_options(previous, state, SELECT_IDENTITY, option)
     if changed:
         raise KFoldError(
-            f"{path.parent} was started with other options ({', '.join(changed)}): pass the same options to resume "
+            f"{output} was started with other options ({', '.join(changed)}): pass the same options to resume "
             "it, or a new --output for a new selection"
         )
 
@@ -174,8 +266,11 @@ def run_selection(
     }
     state = json.loads(json.dumps(state, default=str))
     state_path = output / SELECT_STATE
-    _check_identity(state_path, state)
-    previous_plans = json.loads(state_path.read_text()).get("plans", {}) if state_path.is_file() else {}
+    previous_plans = {}
+    if state_path.is_file():
+        previous = read_select_state(output)
+        _check_identity(output, previous, state)
+        previous_plans = previous["plans"]
     output.mkdir(parents=True, exist_ok=True)
     splits_file = _splits(next(iter(found.values())), dataset_dir, output, folds, seed)
     plans = {}
@@ -203,8 +298,8 @@ def run_selection(
 
 def _validation_cases(output: Path, name: str) -> dict[str, Path]:
     """Case id -> the file of its out-of-fold probabilities, for every case of the configuration ``name``."""
-    state = read_json(output / name / STATE_FILE, f"run `kfold select` into {output} to the end")
-    splits = read_json(output / SPLITS_FILE, "run `kfold select` again")
+    state = read_state(output / name, f"run `kfold select` into {output} to the end", BUNDLE_FIX)
+    splits = read_list(output / SPLITS_FILE, SPLIT_FIELDS, "run `kfold select` again", SELECT_SPLITS_FIX)
     probabilities = {}
     for fold in fold_layout(output / name, state["fold_count"], state["split_count"]):
         for case in splits[fold.index]["val"]:
@@ -226,7 +321,7 @@ def read_probabilities(path: Path) -> np.ndarray:
 def score_configurations(output: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Out-of-fold Dice per case and foreground class of each configuration alone and of every ensemble of two or
     more (the mean of their probabilities), all on the original image grid, from the saved probabilities."""
-    state = read_json(output / names[0] / STATE_FILE, f"run `kfold select` into {output} to the end")
+    state = read_state(output / names[0], f"run `kfold select` into {output} to the end", BUNDLE_FIX)
     description = load_dataset_json(state["dataset_dir"])
     checked = check_datalist(description, state["dataset_dir"], state["num_classes"], state["image_dims"])
     labels = {case_id(entry["image"]): entry["label"] for entry in checked}
@@ -305,7 +400,7 @@ def _verdict(scored: Mapping[str, Mapping[str, Any]], comparison: Mapping[str, A
 def write_selection(output: str | Path) -> dict[str, Any]:
     """Score the configurations of a selection folder and write selection.json, selection.md and selection.png."""
     output = Path(output).resolve()
-    state = read_json(output / SELECT_STATE, "pass the --output folder of `python -m custom_components.kfold select`")
+    state = read_select_state(output)
     names = list(state["bundles"])
     scored = score_configurations(output, names)
     comparison = compare(scored)
@@ -412,7 +507,7 @@ def predict_selected(
     """Segment ``images`` with the selection's winner (or the named ``configuration``): one configuration's fold
     ensemble, or the probabilities of several averaged on each image's grid; the label maps written to ``out_dir``."""
     output, out_dir = Path(output).resolve(), Path(out_dir).resolve()
-    selection = read_json(output / SELECTION_FILE, "run `python -m custom_components.kfold select` to the end first")
+    selection = read_selection(output)
     name = configuration or selection["winner"]
     if name not in selection["configurations"]:
         raise KFoldError(f"--configuration {name}: {output} has {', '.join(selection['ranking'])}")

@@ -1,5 +1,5 @@
 """``sweep report``: the trials of a study ranked, the importance of each setting, Optuna's plots, and the best
-settings as a config overlay (``best.yaml``) for training the final model.
+settings as a plan file (``best.yaml``, read as data by ``--plan_file``) for training the final model.
 
 Everything is read from the storage as data (trial values, params, user attrs) and written as data: nothing read
 is evaluated, and ``best.yaml`` is refused a value that MONAI would evaluate (``$``, ``@``, ``%`` first).
@@ -20,7 +20,7 @@ import yaml
 from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 from optuna.trial import FrozenTrial, TrialState
 
-from custom_components.bundle import MONAI_SIGILS
+from custom_components.bundle import expression_ids
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.sweep.space import SweepError
 from custom_components.sweep.study import OPTIONS_ATTR, STUDY_FILE, load_study, shown_url, storage_url
@@ -111,24 +111,12 @@ def _plots(study: optuna.Study, output: Path, importance: bool) -> list[str]:
     return list(chosen)
 
 
-def _expressions(values: Mapping[str, Any]) -> list[str]:
-    """The keys whose value MONAI would evaluate (a string starting with ``$``, ``@`` or ``%``, at any depth)."""
-
-    def found(value: Any, key: str) -> list[str]:
-        if isinstance(value, str):
-            return [key] if value[:1] in MONAI_SIGILS else []
-        items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else []
-        return [hit for k, item in items for hit in found(item, f"{key}#{k}")]
-
-    return [hit for key, value in values.items() for hit in found(value, key)]
-
-
 def write_best(output: Path, values: Mapping[str, Any], trial: int, value: float) -> Path:
-    """``best.yaml``: ``values`` (the fixed ``--set`` keys and the best trial's settings) as top-level keys, a
-    config to merge over the bundle's train.yaml (MONAI merges later files over earlier ones)."""
+    """``best.yaml``: ``values`` (the fixed ``--set`` keys and the best trial's settings) as top-level keys, a plan
+    file whose values replace the bundle's defaults (``--plan_file``)."""
     header = (
-        f"# The best settings of sweep trial {int(trial)} (Dice {float(value):.4f}), to merge over the bundle's own:\n"
-        "# python -m monai.bundle run training --config_file \"['BUNDLE/configs/train.yaml','best.yaml']\" ...\n"
+        f"# The best settings of sweep trial {int(trial)} (Dice {float(value):.4f}), a plan file read as data:\n"
+        "# python -m monai.bundle run training --config_file BUNDLE/configs/train.yaml --plan_file best.yaml ...\n"
     )
     text = header + yaml.safe_dump(json.loads(json.dumps(dict(values))), sort_keys=False, default_flow_style=None)
     atomic_write_bytes(output / BEST_CONFIG, text.encode())
@@ -153,7 +141,7 @@ def _markdown(report: Mapping[str, Any], output: Path) -> str:
             f"`{BEST_CONFIG}` holds these settings and the fixed `--set` keys; train the final model with",
             "",
             "```bash",
-            f"python -m monai.bundle run training --config_file \"['{train}','{report['best_config']}']\" \\",
+            f"python -m monai.bundle run training --config_file {train} --plan_file {report['best_config']} \\",
             "    --dataset_dir DIR --output_dir RUN",
             "```",
             "",
@@ -213,13 +201,14 @@ def write_report(output: str | Path, storage: str | None = None, study_name: str
     report["best_config"] = None
     if complete:
         values = {**options.get("set", {}), **rows[0]["settings"]}
-        evaluated = _expressions(values)
+        evaluated = expression_ids(values)
         if evaluated:
             logger.warning(
-                "%s not written: %s would be evaluated by MONAI; the sweep writes literal values only, give those "
-                "keys on the training command line yourself",
+                "%s not written: %s, as the study in %s holds them, would be evaluated by MONAI; the sweep writes "
+                "literal values only, give those keys on the training command line yourself",
                 output / BEST_CONFIG,
                 ", ".join(evaluated),
+                report["storage"],
             )
         else:
             report["best_config"] = str(write_best(output, values, rows[0]["trial"], rows[0]["value"]))

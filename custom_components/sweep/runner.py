@@ -205,7 +205,7 @@ def run_sweep(sweep: Sweep, seed: int = 0, study_name: str = "sweep", storage: s
             trial.set_user_attr("surplus", True)
             trial.set_user_attr("error", f"not run: the study had its {wanted} trials already")
             raise Surplus(f"trial {trial.number}: the study had {wanted} trials already")
-        return run_trial(sweep, trial)
+        return run_trial(sweep, trial, shown_url(url))
 
     progress = Progress(wanted)
     if room_for_trial(study, wanted):

@@ -142,10 +142,20 @@ def fail(trial: optuna.Trial, message: str) -> TrialFailed:
     return TrialFailed(message)
 
 
-def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
+def run_trial(sweep: Sweep, trial: optuna.Trial, storage: str) -> float:
     """Run one trial in ``OUTPUT/trial_NNN`` and return its score; raises ``optuna.TrialPruned`` when pruned and
-    :class:`TrialFailed` when its run fails. The process is stopped whatever ends the wait (an interrupt too)."""
-    settings = {space.key: space.suggest(trial) for space in sweep.spaces}
+    :class:`TrialFailed` when its run fails. The process is stopped whatever ends the wait (an interrupt too).
+
+    A trial's settings are drawn from ``--space``; one the study's ``storage`` holds for it (a queued trial) must be
+    a value of its space, as Optuna checks: anything else is data the sweep did not draw, never run."""
+    try:
+        settings = {space.key: space.suggest(trial) for space in sweep.spaces}
+    except ValueError as err:  # Optuna's refusal of a stored value outside the space
+        raise fail(
+            trial,
+            f"{storage} holds settings for it that are not values of --space ({err}): not run, the sweep goes on with "
+            "trials it draws; give this sweep a --study (or --storage) of its own if others write to that one",
+        ) from None
     folder = trial_folder(sweep.output, trial.number)
     log = folder / TRIAL_LOG
     for key, value in {"settings": settings, "folder": folder.name, "log": str(log)}.items():
