@@ -100,3 +100,12 @@ def test_missing_model_is_named(run3d: Path, tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"model_path {model} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_output_dir_that_is_a_file_stops_evaluation_before_any_case(run3d: Path, tmp_path: Path) -> None:
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    result = _evaluate(run3d, {"output_dir": blocked}, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"error: output_dir {blocked} is a file, but output_dir must be a folder" in result.stderr
+    assert blocked.read_text() == "not a folder"
