@@ -12,7 +12,7 @@ TRAIN_CASES ?= 16
 TRAIN_EXTRA ?=
 # lesions are a few voxels wide: keep 1.2 mm in-plane and centre 3 of 5 patches on them; 24 slices (60 mm of the
 # 100) take 0.7x the step time of 32 with a better Dice and organ HD95 over 3 seeds; channels-last weights make this
-# small network's step 13% faster on CPU (bundles/unet3d/docs/README.md)
+# small network's step 13% faster on CPU (benchmarks/RESULTS.md)
 TRAIN_OVERRIDES ?= --spacing "[1.2,1.2,2.5]" --patch_size "[64,64,24]" --channels "[16,32,64,128]" \
 	--strides "[2,2,2]" --patch_class_ratios "[1,1,3]" --max_epochs 100 --val_interval 10 --warmup_epochs 3 \
 	--learning_rate 0.003 --num_workers 2 --num_folds 4 --log_every_iteration False --channels_last True
@@ -86,6 +86,7 @@ bench-make-train-seeds: install
 lint: install  # ruff is part of the tests: CI fails on lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_imports.py  # no import cycle (function-level imports included)
 
 clean:
 	rm -rf $(VENV) runs data

@@ -1,11 +1,12 @@
 """Benchmark of the 3D bundle: normalisation layers at small batches, and U-Nets with and without skip connections.
 
-Part 1 (the note's ninth question): bundles/unet3d trained at batch sizes 1, 2 and 8 (patches per step: ``batch_size``
-volumes, one patch each) with every ``norm`` choice, on one synthetic dataset, with the same seeds, the same number
-of optimiser steps for every batch size and a constant learning rate, so that within a batch size only the norm
-differs. Reports the validation mean Dice (mean over seeds and its spread, max - min) and seconds per iteration.
+Part 1 (normalisation at small batches, after Wu & He 2018, "Group Normalization"): bundles/unet3d trained at
+batch sizes 1, 2 and 8 (patches per step: ``batch_size`` volumes, one patch each) with every ``norm`` choice, on one
+synthetic dataset, with the same seeds, the same number of optimiser steps for every batch size and a constant
+learning rate, so that within a batch size only the norm differs. Reports the validation mean Dice (mean over seeds
+and its spread, max - min) and seconds per iteration.
 
-Part 2 (the eighth question): the bundle with ``skip_connections`` true and false (bundle default norm, batch 2),
+Part 2 (the skip-connection ablation): the bundle with ``skip_connections`` true and false (default norm, batch 2),
 reporting Dice and HD95 (MONAI's ``compute_hausdorff_distance``, percentile 95, in mm) per class and the gradient
 norm of the first encoder block over the first iterations.
 

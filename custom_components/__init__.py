@@ -1,20 +1,15 @@
 """Components the MONAI bundles need and MONAI lacks: dataset checks, reports, the run folder as a bundle,
 inference that skips unreadable inputs, flip TTA, surface metrics in mm, intensity schemes, small-batch
-normalisation and the U-Net with or without skip connections."""
+normalisation and the U-Net with or without skip connections.
 
-from custom_components import (
-    bundle,
-    data,
-    evaluation,
-    handlers,
-    inference,
-    metrics,
-    networks,
-    norms,
-    run_bundle,
-    runlock,
-    transforms,
-)
+Packages here import nothing when they load: each submodule (and each name a package exports) is imported on first
+use, so that importing one module never runs another's imports and no import cycle goes through a package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
 
 __all__ = [
     "bundle",
@@ -32,11 +27,17 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    """``custom_components.settings`` (the configs call ``custom_components.settings.check_workflow``) imported on
-    first use, so that ``python -m custom_components.settings`` does not find it imported already."""
-    if name == "settings":
-        import importlib
+def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], object]:
+    """A package's module ``__getattr__``: ``exports`` maps each name to the submodule that defines it (the name
+    itself when it is the submodule), imported on first use (the configs' ``$custom_components.data.read_...``)."""
 
-        return importlib.import_module("custom_components.settings")
-    raise AttributeError(f"module 'custom_components' has no attribute {name!r}")
+    def __getattr__(name: str) -> object:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module = importlib.import_module(f"{package}.{exports[name]}")
+        return module if exports[name] == name else getattr(module, name)
+
+    return __getattr__
+
+
+__getattr__ = lazy_exports(__name__, {name: name for name in __all__})

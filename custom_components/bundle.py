@@ -7,6 +7,7 @@ that MONAI's entry point was given: a bundle runs from any working directory and
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -52,7 +53,7 @@ def _frame_config_folder(frame: FrameType) -> Path | None:
 def running(kind: type[T]) -> T | None:
     """The nearest object of ``kind`` whose method is on the call stack (MONAI's ``ConfigWorkflow`` or
     ``ConfigParser`` evaluating the calling config expression), or None."""
-    frame = sys._getframe(1)
+    frame = inspect.currentframe()
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, kind):
@@ -68,7 +69,7 @@ def bundle_root() -> str:
     and ``verify_net_in_out`` / ``ckpt_export`` hold the ``config_file`` they were given. A parser built by hand
     must set ``bundle_root`` itself (``parser["bundle_root"] = ...``).
     """
-    frame = sys._getframe(1)
+    frame = inspect.currentframe()
     while frame is not None:
         folder = _frame_config_folder(frame)
         if folder is not None:

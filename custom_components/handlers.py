@@ -28,18 +28,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.handlers
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.data.utils import set_rnd
-from monai.handlers import EarlyStopHandler
 from torch.optim.lr_scheduler import LRScheduler
+
+from custom_components.figures import png_bytes, pyplot
 
 MODEL_FILE = Path("models") / "model.pt"  # the best weights in a run folder, where the model zoo keeps them
 NO_VALIDATION = "none: trained on every case (num_folds 1)"  # metrics.json's `validation` of such a run
 # learning_curve.png is drawn after the first epoch, at the end, and in between at most this often: a drawing costs
-# about 0.08 s, 40% of `make train`'s step, and validations can come every few seconds
+# a large share of a small network's step, and validations can come every few seconds (benchmarks/RESULTS.md)
 PLOT_INTERVAL_S = 30.0
 BUDGET_EPOCHS = 1_000_000  # the trainer's epoch limit under `time_budget_min`: the budget ends the run
 
@@ -126,7 +128,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    """``obj`` as JSON, laid out as the model zoo's pre-commit hook ``pretty-format-json --indent=4 --no-sort-keys``
+    writes it (4-space indent, non-ASCII escaped, keys in their order, a final newline): a run folder's files go into
+    a model zoo pull request unchanged."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=4, ensure_ascii=True) + "\n").encode())
 
 
 class CheckpointError(ValueError):
@@ -489,12 +494,7 @@ class TrainingReport:
             self._plotted_at = time.perf_counter()
 
     def _plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (loss_ax, dice_ax) = pyplot().subplots(1, 2, figsize=(10, 4))
         epochs = [row["epoch"] for row in self.history]
         loss_ax.plot(epochs, [row["train_loss"] for row in self.history], marker=".")
         loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss")
@@ -512,10 +512,7 @@ class TrainingReport:
         dice_ax.legend(loc="lower right")
         # fixed margins: tight_layout would take half again the drawing time to fit the same labels
         fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
-        plt.close(fig)
-        atomic_write_bytes(self.output_dir / "learning_curve.png", buffer.getvalue())
+        atomic_write_bytes(self.output_dir / "learning_curve.png", png_bytes(fig))
 
 
 class TimeBudget:
@@ -596,40 +593,38 @@ class TimeBudget:
 
 
 class EarlyStopping:
-    """``early_stop_patience``: MONAI's ``EarlyStopHandler`` on the validator, stopping the trainer this is attached
-    to after ``patience`` validations without a better ``key_metric``; the reason goes into metrics.json. Its counter
+    """``early_stop_patience``: ignite's ``EarlyStopping`` on the validator, stopping the trainer this is attached to
+    after ``patience`` validations without a better ``key_metric``; the reason goes into metrics.json. Its counter
     and best score are in the checkpoint, so a resumed run stops where an uninterrupted one would."""
 
     def __init__(self, patience: int | None, evaluator: Engine, key_metric: str = "val_mean_dice") -> None:
         self.patience = patience
         self.evaluator = evaluator
         self.key_metric = key_metric
-        self.handler = None
-        if patience is not None:
-            self.handler = EarlyStopHandler(patience, lambda validator: validator.state.metrics[key_metric])
+        self.stopper: ignite.handlers.EarlyStopping | None = None  # made when attached: it needs the trainer
 
     def attach(self, trainer: Engine) -> None:
-        if self.handler is None:
+        if self.patience is None:
             return
-        self.handler.set_trainer(trainer)  # builds ignite's EarlyStopping (MONAI keeps it as `_handler`)
-        self.handler.attach(self.evaluator)
-        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._reason, trainer)  # after the handler's check
+        self.stopper = ignite.handlers.EarlyStopping(
+            self.patience, lambda validator: validator.state.metrics[self.key_metric], trainer
+        )
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.stopper)  # after each validation
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._reason, trainer)  # after the stopper's check
 
     def _reason(self, _evaluator: Engine, trainer: Engine) -> None:
-        if trainer.should_terminate and not getattr(trainer.state, "stop_reason", None):
-            best = self.handler._handler.best_score if self.handler and self.handler._handler else None
+        if trainer.should_terminate and not getattr(trainer.state, "stop_reason", None) and self.stopper:
             trainer.state.stop_reason = (
-                f"early stopping: no better {self.key_metric} in {self.patience} validations (best {best:.4f})"
+                f"early stopping: no better {self.key_metric} in {self.patience} validations "
+                f"(best {self.stopper.best_score:.4f})"
             )
 
     def state_dict(self) -> dict[str, Any]:
-        inner = self.handler._handler if self.handler is not None else None
-        return dict(inner.state_dict()) if inner is not None else {}
+        return dict(self.stopper.state_dict()) if self.stopper is not None else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        inner = self.handler._handler if self.handler is not None else None
-        if inner is not None and state:
-            inner.load_state_dict(state)
+        if self.stopper is not None and state:
+            self.stopper.load_state_dict(state)
 
 
 class ModelError(ValueError):

@@ -1,5 +1,5 @@
 """The bundles' networks, chosen by the ``architecture`` key: MONAI's residual UNet with the ``norm`` choices of
-``custom_components.norms`` (and the same network without its skip connections, the note's eighth question's
+``custom_components.norms`` (and the same network without its skip connections, for the skip-connection
 ablation), or MONAI's DynUNet, nnU-Net's topology with kernel sizes and strides per axis and deep supervision."""
 
 from __future__ import annotations

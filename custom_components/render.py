@@ -21,8 +21,8 @@ from typing import Any
 import jinja2
 import yaml
 
+from custom_components.config_text import flow
 from custom_components.paths import REPO_ROOT
-from custom_components.run_bundle import flow
 from custom_components.settings import DECLARATIONS, declared_field
 
 TEMPLATE = REPO_ROOT / "bundles" / "template"

@@ -2,8 +2,9 @@
 
 At the start of training :class:`RunBundle` writes ``configs/`` (the bundle's train, inference, evaluate and
 multi-GPU configs with every user key replaced by the literal value this run resolved, so that predicting,
-evaluating, exporting and resuming need the run folder and the inputs only), ``configs/metadata.json`` (inputs,
-outputs and label names of this model) and ``docs/README.md``; whenever the best model improves it updates the Dice
+evaluating, exporting and resuming need the run folder and the inputs only), the bundle's ``logging.conf`` and
+``LICENSE`` (a file the model zoo requires of every bundle), ``configs/metadata.json`` (inputs, outputs and label
+names of this model) and ``docs/README.md``; whenever the best model improves it updates the Dice
 those state. The weights are ``models/model.pt`` (written by ``TrainingReport``).
 """
 
@@ -12,87 +13,27 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
 from custom_components.bundle import expression_ids, running
+from custom_components.config_text import flow, freeze, plain, user_keys
 from custom_components.data import case_id
 from custom_components.handlers import TrainingReport, atomic_write_bytes, atomic_write_json
 
 CONFIGS = ("train", "inference", "evaluate", "multi_gpu_train")  # the bundle's workflows, each copied if present
 TRAINING_CONFIGS = ("train", "multi_gpu_train")  # their output_dir is the run folder itself, wherever it is moved
 RUN_OUTPUT_DIR = "$@bundle_root"
-TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][\w]*):")
-WIRING = "# Wiring:"  # the rendered configs' user keys stand above this line, what they build below it
+COPIED = ("configs/logging.conf", "LICENSE")  # from the bundle that trained the run, as they are
 
 logger = logging.getLogger(__name__)
-
-
-def flow(value: Any) -> str:
-    """A value on one YAML line: expressions and references double-quoted, lists and mappings in flow style."""
-    if isinstance(value, str) and value[:1] in "$@%":
-        return json.dumps(value)
-    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
-    return text.removesuffix("\n...\n").strip()
-
-
-def plain(value: Any) -> Any:
-    """A resolved config value as plain YAML data: tuples as lists, numpy and torch scalars as numbers."""
-    if isinstance(value, Mapping):
-        return {str(key): plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(item) for item in value]
-    if isinstance(value, np.generic | torch.Tensor):
-        return plain(value.tolist())
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    raise TypeError(f"{type(value).__name__} is not plain data")
-
-
-def _entries(lines: Sequence[str]) -> list[tuple[str, int, int]]:
-    """Top-level entries of a YAML text: (key, first line, end line), the block being the indented lines after it."""
-    entries = []
-    for index, line in enumerate(lines):
-        match = TOP_LEVEL_KEY.match(line)
-        if match:
-            end = index + 1
-            while end < len(lines) and lines[end][:1] in (" ", "-"):
-                end += 1
-            entries.append((match.group(1), index, end))
-    return entries
-
-
-def _comment(line: str) -> str:
-    """The trailing ``# comment`` of a one-line ``key: value`` entry, or ''."""
-    try:
-        (_, value), *_ = yaml.compose(line).value
-    except (yaml.YAMLError, ValueError, AttributeError):
-        return ""
-    rest = line[value.end_mark.column :].strip()
-    return rest if rest.startswith("#") else ""
-
-
-def freeze(text: str, values: Mapping[str, Any]) -> str:
-    """``text`` (a config) with each of its user keys found in ``values`` set to that value on one line, its comment
-    kept. User keys are the top-level keys above the ``# Wiring:`` line (all of them in a file without one)."""
-    lines = text.splitlines()
-    wiring = next((index for index, line in enumerate(lines) if line.startswith(WIRING)), len(lines))
-    for key, start, end in reversed(_entries(lines)):
-        if key in values and start < wiring:
-            comment = _comment(lines[start]) if end == start + 1 else ""
-            lines[start:end] = [f"{key}: {flow(values[key])}" + (f"  {comment}" if comment else "")]
-    return "\n".join(lines) + "\n"
 
 
 def run_values(settings: Mapping[str, Any], paths: Sequence[str] = ()) -> dict[str, Any]:
@@ -111,6 +52,14 @@ def run_values(settings: Mapping[str, Any], paths: Sequence[str] = ()) -> dict[s
             + ". Rename them (in dataset.json or the settings) without $, @ or % at their start"
         )
     return values
+
+
+def intended_use(class_names: Sequence[str]) -> str:
+    """metadata.json's intended use of a trained model (the source bundle's says that it holds no weights)."""
+    return (
+        f"Research: segments {', '.join(class_names)} in images like its training data; not a medical device. Score "
+        "it on labelled cases of your own (configs/evaluate.yaml) before relying on it."
+    )
 
 
 def divisor(strides: Sequence[int | Sequence[int]], dims: int) -> list[int]:
@@ -167,7 +116,7 @@ class RunBundle:
             self.write_results()
 
     def write_configs(self) -> None:
-        """configs/*.yaml with this run's values, and logging.conf, from the bundle that trained it."""
+        """configs/*.yaml with this run's values, and the files of ``COPIED``, from the bundle that trained it."""
         configs = self.output_dir / "configs"
         for name in CONFIGS:
             source = self.source / "configs" / f"{name}.yaml"
@@ -177,9 +126,10 @@ class RunBundle:
             if name in TRAINING_CONFIGS:
                 values.update(self.training_values, output_dir=RUN_OUTPUT_DIR)
             atomic_write_bytes(configs / f"{name}.yaml", freeze(source.read_text(), values).encode())
-        logging_conf = self.source / "configs" / "logging.conf"
-        if logging_conf.is_file():
-            atomic_write_bytes(configs / "logging.conf", logging_conf.read_bytes())
+        for name in COPIED:
+            source = self.source / name
+            if source.is_file():
+                atomic_write_bytes(self.output_dir / name, source.read_bytes())
 
     def write_results(self) -> None:
         """metadata.json and docs/README.md with the validation Dice reached so far."""
@@ -232,6 +182,7 @@ class RunBundle:
         )
         meta["label_classes"] = ", ".join(f"{index}: {label}" for index, label in enumerate(labels))
         meta["eval_metrics"] = self._dice()
+        meta["intended_use"] = intended_use(values["class_names"])
         return meta
 
     def readme(self) -> str:
@@ -397,13 +348,6 @@ def _as_written(value: Any) -> Any:
     return yaml.safe_load(flow(value))
 
 
-def user_keys(text: str) -> list[str]:
-    """The user keys of a config: its top-level keys above the ``# Wiring:`` line."""
-    lines = text.splitlines()
-    wiring = next((index for index, line in enumerate(lines) if line.startswith(WIRING)), len(lines))
-    return [key for key, start, _ in _entries(lines) if start < wiring]
-
-
 def truthy(value: Any) -> bool:
     """A boolean key as the command line may give it (``True``, ``true``, ``1``)."""
     return value is True or (isinstance(value, int | str) and str(value).strip().lower() in ("1", "true"))
@@ -447,7 +391,7 @@ def _verdict(differences: list[tuple[str, Any, Any]], extend: bool, run: Path, s
 def resume_problem(
     output_dir: str | Path,
     bundle_root: str | Path,
-    run_bundle_id: str = "train#handlers#2",
+    run_bundle_id: str = "train#run_bundle",
     extend_training: Any = False,
     parser: Any = None,
 ) -> str | None:
@@ -512,7 +456,7 @@ def resume_problem(
 def check_resume(
     output_dir: str | Path,
     bundle_root: str | Path,
-    run_bundle_id: str = "train#handlers#2",
+    run_bundle_id: str = "train#run_bundle",
     extend_training: Any = False,
 ) -> None:
     """:func:`resume_problem` from a config's ``initialize``: a refused restart stops with the differences and the

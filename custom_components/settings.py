@@ -38,10 +38,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 import torch
 import yaml
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import DEFAULT_MLFLOW_SETTINGS, ConfigParser, ConfigWorkflow
 from monai.bundle.utils import ID_SEP_KEY
 from monai.networks.layers.factories import Norm
 from pydantic import (
@@ -58,18 +59,23 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from custom_components.bundle import expression_ids, running
+from custom_components.config_text import flow
 from custom_components.norms import NORM_CHOICES, resolve_norm
 from custom_components.plan_file import PLAN_KEY, Plan, read_plan
-from custom_components.run_bundle import flow
 from custom_components.transforms import INTENSITY_SCHEMES
 
 logger = logging.getLogger(__name__)
 
 DECLARATIONS = Path(__file__).with_name("settings.yaml")  # every key, declared once (render.py writes the configs)
 CONFIGS = ("train", "evaluate", "inference")  # the workflows whose keys settings.yaml declares
-# Top-level keys MONAI's `--tracking mlflow` adds to a config (DEFAULT_MLFLOW_SETTINGS), and the metadata's key
-TRACKING_KEYS = ("output_dir", "tracking_uri", "experiment_name", "run_name", "save_execute_config", "is_not_rank0")
+# Top-level keys MONAI's `--tracking mlflow` adds to a config (its settings' configs that are not handlers), and the
+# metadata's key
+TRACKING_KEYS = tuple(
+    key for key in DEFAULT_MLFLOW_SETTINGS["configs"] if key not in DEFAULT_MLFLOW_SETTINGS["handlers_id"]
+)
 META_KEY = "_meta_"
+# MLflow opens no file store (a file:// URI or a path) unless this variable is true: a tracking_uri so stops the run
+FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
 BOOLEANS = {"true": True, "True": True, "1": True, "false": False, "False": False, "0": False}
 LISTING = "python -m custom_components.settings"
 STRICT = ConfigDict(strict=True, arbitrary_types_allowed=True)
@@ -624,6 +630,18 @@ def validate(
             given[path[0]] = value
         else:
             nested.append((path, value))
+    uri = given.get("tracking_uri")
+    if isinstance(uri, str) and not expression_ids(uri) and urlparse(uri).scheme in ("", "file"):
+        if os.environ.get(FILE_STORE_OPT_IN, "").lower() not in ("true", "1"):
+            problems.append(
+                Problem(
+                    "tracking_uri",
+                    uri,
+                    f"an MLflow file store, which MLflow refuses (unless {FILE_STORE_OPT_IN}=true)",
+                    "give a SQLite URI such as sqlite:////abs/path/mlruns.db, or leave it out: the default is "
+                    "<output_dir>/mlruns.db",
+                )
+            )
     for path, value in nested:
         base = copy.deepcopy(given.get(path[0], file_values.get(path[0])))
         if path[0] in declared and isinstance(base, dict | list):
@@ -766,9 +784,15 @@ def check_workflow(config: str) -> None:
     written back as booleans. A ``plan_file`` is read as data (:mod:`custom_components.plan_file`) and its values
     replace the bundle's defaults: a key the user set otherwise (command line, a later config file) is kept."""
     workflow = running(ConfigWorkflow)  # MONAI's workflow evaluating this config
-    if workflow is None:  # a parser built by hand: its caller sets and checks the values
-        logger.debug("settings: no MONAI ConfigWorkflow on the call stack, nothing checked")
-        return
+    if workflow is None:  # never skipped: a check that cannot run stops the run
+        message = (
+            f"the settings check of {config}.yaml found no MONAI ConfigWorkflow running the config, so it cannot "
+            "read the settings; run the bundle with `python -m monai.bundle run` or monai.bundle.ConfigWorkflow (a "
+            "parser built by hand checks its values with custom_components.settings.check and does not evaluate "
+            "`initialize`)"
+        )
+        logger.error("%s", message)
+        sys.exit(f"error: {message}")
     folder = workflow.config_root_path.resolve()
     root = folder.parent if folder.name == "configs" else folder
     values = workflow.parser.get()

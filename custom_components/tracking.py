@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.run_bundle import flow, plain
+from custom_components.config_text import flow, plain
 
 PER_CLASS_SUFFIX = "_per_class"  # a vector metric named <name>_per_class is logged as <name>_<class name>
 
@@ -31,12 +31,20 @@ logger = logging.getLogger(__name__)
 def attached_mlflow_handlers(engine: Engine) -> list[Any]:
     """The ``MLFlowHandler`` objects attached to ``engine``.
 
-    Ignite has no public list of an engine's handlers: this reads its registry of ``Events.STARTED`` callbacks,
-    where ``MLFlowHandler.attach`` registers its bound ``start`` method.
+    Ignite has no public list of an engine's handlers: this reads its registry of ``Events.STARTED`` callbacks
+    (``Engine._event_handlers``), where ``MLFlowHandler.attach`` registers its bound ``start`` method. Should ignite
+    rename it, this stops with a message rather than leaving the parameters unlogged (docs/architecture.md lists
+    each such use, and tests/test_tracking.py fails the day it breaks).
     """
     from monai.handlers import MLFlowHandler
 
-    callbacks = getattr(engine, "_event_handlers", {}).get(Events.STARTED, ())
+    registry = getattr(engine, "_event_handlers", None)
+    if not isinstance(registry, Mapping):
+        raise RuntimeError(
+            "custom_components.tracking: this ignite version keeps no Engine._event_handlers registry, so the "
+            "MLFlowHandler of --tracking mlflow cannot be found; use the pytorch-ignite version of constraints.txt"
+        )
+    callbacks = registry.get(Events.STARTED, ())
     owners = (getattr(callback, "__self__", None) for callback, *_ in callbacks)
     return [owner for owner in owners if isinstance(owner, MLFlowHandler)]
 

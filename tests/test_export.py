@@ -13,7 +13,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from custom_components import export
-from custom_components.run_bundle import freeze
+from custom_components.config_text import freeze
 from tests.conftest import REPO, USER_CWD
 from tests.test_resume import UNSAFE_ADVICE, Payload, refusal
 

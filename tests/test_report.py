@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from custom_components.report import REPORT_FILE, case_planes, main, plot_case, write_report
+from custom_components.report import REPORT_FILE, main, write_report
+from custom_components.report_figures import case_planes, plot_case
 from tests.conftest import USER_CWD
 
 CHROMIUM = Path("/usr/bin/chromium")

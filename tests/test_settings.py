@@ -155,6 +155,16 @@ def test_code_in_a_plan_file_never_runs(dataset3d: Path, tmp_path: Path) -> None
     _nothing_written(out)
 
 
+def test_the_check_stops_when_it_cannot_run() -> None:
+    """A parser built by hand that evaluates `initialize`: the check cannot read the workflow's settings, so it stops
+    the run saying so, rather than letting it go on unchecked."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / TRAIN_3D))
+    parser["bundle_root"] = str(BUNDLE_3D)
+    with pytest.raises(SystemExit, match="found no MONAI ConfigWorkflow running the config"):
+        parser.get_parsed_content("initialize#0")
+
+
 # --- prepare plan --set, kfold run --set -----------------------------------------------------------------------
 
 
@@ -286,7 +296,7 @@ def test_unknown_keys_name_the_closest_and_help_names_the_listing() -> None:
     (problem,) = settings.check({"help": True}, BUNDLE_3D)
     assert problem.key == "--help" and f"python -m custom_components.settings {BUNDLE_3D}" in problem.fix
     # wiring ids, nested ids and the keys MONAI's --tracking adds are known
-    keys = {"network_def#act": "relu", "train#trainer#max_epochs": 2, "tracking_uri": "x", "run_name": "r"}
+    keys = {"network_def#act": "relu", "train#trainer#max_epochs": 2, "tracking_uri": "sqlite:///x.db", "run_name": "r"}
     assert settings.check(keys, BUNDLE_3D) == []
     assert _keys(settings.check({"input_dirr": "x"}, BUNDLE_3D, "inference")) == ["input_dirr"]
 

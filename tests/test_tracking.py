@@ -12,7 +12,8 @@ import mlflow
 import torch
 from monai.utils import path_to_sqlite_uri
 
-from custom_components.tracking import scalar_metrics
+from custom_components import settings
+from custom_components.tracking import attached_mlflow_handlers, scalar_metrics
 from tests.conftest import REPO
 
 TRAIN = {
@@ -31,13 +32,19 @@ TRAIN = {
 }
 
 
-def _bundle(cwd: Path, run_id: str, config_file: Path, overrides: dict[str, str]) -> None:
+TRAIN_CONFIG = REPO / "bundles" / "unet3d" / "configs" / "train.yaml"
+
+
+def _bundle(
+    cwd: Path, run_id: str, config_file: Path, overrides: dict[str, str], check: bool = True
+) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(config_file)]
     for key, value in overrides.items():
         args += [f"--{key}", value]
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}  # no user store
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env={**env, "PYTHONWARNINGS": "ignore"})
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0 or not check, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
 
 
 def _only_run(store: Path) -> tuple[mlflow.MlflowClient, mlflow.entities.Run]:
@@ -86,3 +93,37 @@ def test_vector_metrics_become_one_scalar_per_class() -> None:
         "other_0": 1.0,
         "other_1": 2.0,
     }
+
+
+def test_the_mlflow_handler_on_an_engine_is_found(tmp_path: Path) -> None:
+    """attached_mlflow_handlers reads ignite's private Engine._event_handlers (ignite lists no engine's handlers):
+    this fails the day ignite changes it, and so would the parameters' logging."""
+    from ignite.engine import Engine
+    from monai.handlers import MLFlowHandler
+
+    engine = Engine(lambda engine, batch: None)
+    handler = MLFlowHandler(tracking_uri=path_to_sqlite_uri(str(tmp_path / "mlruns.db")))
+    handler.attach(engine)
+    assert attached_mlflow_handlers(engine) == [handler]
+
+
+def test_a_file_store_tracking_uri_stops_before_training(tmp_path: Path, dataset3d: Path) -> None:
+    """MLflow opens no file store any more: the run stops at the settings check, not in MONAI's traceback."""
+    output_dir, store = tmp_path / "run", (tmp_path / "mlruns").as_uri()
+    overrides = {"dataset_dir": str(dataset3d), "output_dir": str(output_dir), "tracking": "mlflow"}
+    result = _bundle(tmp_path, "training", TRAIN_CONFIG, {**overrides, "tracking_uri": store}, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (
+        f'tracking_uri = "{store}": an MLflow file store, which MLflow refuses (unless MLFLOW_ALLOW_FILE_STORE=true); '
+        "give a SQLite URI such as sqlite:////abs/path/mlruns.db, or leave it out: the default is "
+        "<output_dir>/mlruns.db"
+    ) in result.stderr
+    assert not output_dir.exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_only_file_store_tracking_uris_are_refused() -> None:
+    bundle = REPO / "bundles" / "unet3d"
+    refused = settings.check({"tracking_uri": "mlruns"}, bundle)  # a path is a file store too
+    assert [problem.key for problem in refused] == ["tracking_uri"]
+    for uri in ("sqlite:////tmp/run/mlruns.db", "http://localhost:5000", "$@output_dir + '/x'"):
+        assert settings.check({"tracking_uri": uri}, bundle) == [], uri

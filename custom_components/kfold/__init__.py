@@ -9,9 +9,16 @@ Command line (from any folder; ``--bundle`` is any bundle folder, a copied one t
 Python: :func:`run_cv`, :func:`write_report`, :func:`predict`, :func:`make_splits`. See docs/kfold.md.
 """
 
-from custom_components.kfold.ensemble import predict
-from custom_components.kfold.report import write_report
-from custom_components.kfold.runner import run_cv
-from custom_components.kfold.splits import KFoldError, make_splits
+from custom_components import lazy_exports
 
 __all__ = ["KFoldError", "make_splits", "predict", "run_cv", "write_report"]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "KFoldError": "splits",
+        "make_splits": "splits",
+        "predict": "ensemble",
+        "run_cv": "runner",
+        "write_report": "report",
+    },
+)

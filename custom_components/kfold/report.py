@@ -8,9 +8,7 @@ any time, also on a run still in progress.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from custom_components.figures import png_bytes, pyplot
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.kfold.evaluation import DICE_SPACE, postprocess_effects
 from custom_components.kfold.layout import (
@@ -51,6 +50,7 @@ from custom_components.kfold.layout import (
     read_record,
     read_state,
 )
+from custom_components.kfold.scores import METRICS, mean_or_none, out_of_fold, valid_scores
 from custom_components.kfold.splits import KFoldError
 from custom_components.metrics import EMPTY_POLICY
 from custom_components.metrics import summary as metric_summary
@@ -58,7 +58,6 @@ from custom_components.metrics import summary as metric_summary
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the confidence interval is reproducible
 WORST_CASES = 5  # the lowest out-of-fold cases named in the verdict section
-METRICS = ("dice", "hd95", "nsd")  # per case and class in the folds' evaluation.json (HD95 in mm)
 METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
 
 
@@ -89,14 +88,6 @@ def bootstrap_ci(values: Sequence[float], level: float = 0.95) -> list[float] | 
     means = array[rng.integers(0, array.size, (BOOTSTRAP_RESAMPLES, array.size))].mean(axis=1)
     tail = (1 - level) / 2 * 100
     return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
-
-
-def _scored(values: Sequence[float | None]) -> list[float]:
-    return [v for v in values if v is not None and not math.isnan(v)]
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
 
 
 # The fields of a fold's evaluation.json that the report reads (per-case scores are keyed by the class names too).
@@ -135,39 +126,6 @@ def _fold_entry(fold: Fold, split: Mapping[str, list[str]], max_epochs: int) -> 
         wall_time_s=metrics.get("wall_time_s"),
     )
     return entry
-
-
-def out_of_fold(folds: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Each case scored by the model(s) that did not see it; with repeats, averaged over its repeats.
-
-    ``folds``: ``{"name", "cases"}`` with ``cases`` as a fold's evaluation.json holds them; a metric is given for a
-    case when every fold that scored it has it."""
-    scores: dict[str, list[tuple[str, dict]]] = {}
-    for fold in folds:
-        for case, score in fold.get("cases", {}).items():
-            scores.setdefault(case, []).append((fold["name"], score))
-    result = {}
-    for case, entries in sorted(scores.items()):
-        means = _scored([score["mean_dice"] for _, score in entries])
-        result[case] = {
-            "folds": [name for name, _ in entries],
-            "mean_dice": _mean(means),
-            "repeat_std": float(np.std(means, ddof=1)) if len(means) > 1 else None,
-        }
-        for metric in METRICS:
-            if all(score.get(metric) for _, score in entries):
-                result[case][metric] = {
-                    name: _mean(_scored([score[metric][name] for _, score in entries])) for name in class_names
-                }
-        if all("largest_component_dice" in score for _, score in entries):
-            result[case]["largest_component_dice"] = {
-                name: {
-                    way: _mean([score["largest_component_dice"][name][way] for _, score in entries])
-                    for way in ("without", "with")
-                }
-                for name in class_names
-            }
-    return result
 
 
 def _postprocessing(oof: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any] | None:
@@ -266,25 +224,25 @@ def build_report(output: Path, cv_threshold: float = 0.1) -> dict[str, Any]:
         scored.append((str(ENSEMBLE_TEST_FILE), ensemble["dice_per_class"]))
     _check_classes(output, class_names, scored)
     oof = out_of_fold(finished, class_names)
-    case_means = _scored([score["mean_dice"] for score in oof.values()])
+    case_means = valid_scores([score["mean_dice"] for score in oof.values()])
     summary = {
         "folds_finished": len(finished),
-        "fold_mean_dice": spread(_scored([fold["mean_dice"] for fold in finished])),
+        "fold_mean_dice": spread(valid_scores([fold["mean_dice"] for fold in finished])),
         "fold_dice_per_class": {
-            name: spread(_scored([fold["dice_per_class"][name] for fold in finished])) for name in class_names
+            name: spread(valid_scores([fold["dice_per_class"][name] for fold in finished])) for name in class_names
         },
         "oof_mean_dice": {
             "cases": len(case_means),
-            "mean": _mean(case_means),
+            "mean": mean_or_none(case_means),
             "ci95": bootstrap_ci(case_means),
         },
         "oof_dice_per_class": {},
     }
     for name in class_names:
-        values = _scored([score["dice"][name] for score in oof.values()])
+        values = valid_scores([score["dice"][name] for score in oof.values()])
         summary["oof_dice_per_class"][name] = {
             "cases": len(values),
-            "mean": _mean(values),
+            "mean": mean_or_none(values),
             "ci95": bootstrap_ci(values),
         }
     summary["oof_metrics"] = {
@@ -296,9 +254,9 @@ def build_report(output: Path, cv_threshold: float = 0.1) -> dict[str, Any]:
     if state["split_count"] > state["fold_count"]:
         per_repeat = []
         for repeat in range(state["split_count"] // state["fold_count"]):
-            done = _scored([fold.get("mean_dice") for fold in finished if fold["repeat"] == repeat])
-            per_repeat.append(_mean(done))
-        repeats = {"mean_dice_per_repeat": per_repeat, "spread": spread(_scored(per_repeat))}
+            done = valid_scores([fold.get("mean_dice") for fold in finished if fold["repeat"] == repeat])
+            per_repeat.append(mean_or_none(done))
+        repeats = {"mean_dice_per_repeat": per_repeat, "spread": spread(valid_scores(per_repeat))}
     for fold in folds:
         fold.pop("cases", None)  # per-case scores live in out_of_fold
     report = {
@@ -478,12 +436,10 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 def plots(report: Mapping[str, Any]) -> dict[str, bytes]:
     """The three PNG plots: Dice per fold, out-of-fold Dice per case, class presence and size per fold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
 
     names = report["classes"]
     folds = [f for f in report["folds"] if f["status"] == "finished"]
@@ -546,8 +502,5 @@ def plots(report: Mapping[str, Any]) -> dict[str, bytes]:
     encoded = {}
     for name, figure in figures.items():
         figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
-        plt.close(figure)
-        encoded[name] = buffer.getvalue()
+        encoded[name] = png_bytes(figure)
     return encoded

@@ -14,7 +14,6 @@ with the winner.
 from __future__ import annotations
 
 import gzip
-import io
 import itertools
 import json
 import logging
@@ -30,6 +29,7 @@ import torch
 from custom_components import settings
 from custom_components.bundle import changed_options, expression_ids
 from custom_components.data import case_id, check_datalist, load_dataset_json
+from custom_components.figures import png_bytes, pyplot
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.imageio import read_image
 from custom_components.kfold.bundle import Bundle, parse_set
@@ -471,11 +471,7 @@ def markdown(selection: Mapping[str, Any], output: Path) -> str:
 
 def plot(selection: Mapping[str, Any]) -> bytes:
     """selection.png: mean Dice per configuration with its interval, and every case's Dice across configurations."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     scored, names = selection["configurations"], selection["ranking"]
     with plt.rc_context():
         figure, (bars, cases) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -495,10 +491,7 @@ def plot(selection: Mapping[str, Any]) -> bytes:
         for axis in (bars, cases):
             axis.tick_params(axis="x", rotation=20)
         figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
-        plt.close(figure)
-    return buffer.getvalue()
+        return png_bytes(figure)
 
 
 def predict_selected(

@@ -7,7 +7,6 @@ is evaluated, and ``best.yaml`` is refused a value that MONAI would evaluate (``
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import warnings
@@ -21,6 +20,7 @@ from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 from optuna.trial import FrozenTrial, TrialState
 
 from custom_components.bundle import expression_ids
+from custom_components.figures import png_bytes, pyplot
 from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.sweep.space import SweepError
 from custom_components.sweep.study import OPTIONS_ATTR, STUDY_FILE, load_study, shown_url, storage_url
@@ -85,10 +85,9 @@ def _importance(study: optuna.Study, complete: int) -> tuple[dict[str, float] | 
 def _plots(study: optuna.Study, output: Path, importance: bool) -> list[str]:
     """Optuna's matplotlib plots of the study as PNG files in ``output``; their names."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as plots
+
+    pyplot()  # the Agg backend before Optuna draws
 
     chosen: dict[str, Callable[[optuna.Study], Any]] = {"optimization_history.png": plots.plot_optimization_history}
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -102,12 +101,8 @@ def _plots(study: optuna.Study, output: Path, importance: bool) -> list[str]:
         # figure of this process (learning curves, report.html) would be drawn in Optuna's
         with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore")  # the plots are "experimental"; few trials warn too
-            axes = plot(study)
-            figure = axes.figure
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-            plt.close(figure)
-        atomic_write_bytes(output / name, buffer.getvalue())
+            png = png_bytes(plot(study).figure, bbox_inches="tight")
+        atomic_write_bytes(output / name, png)
     return list(chosen)
 
 
