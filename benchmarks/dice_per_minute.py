@@ -47,9 +47,9 @@ import torch
 from throughput import conv_peak, machine
 
 from custom_components.bundle import bundle_command
-from custom_components.handlers import atomic_write_json
 from custom_components.paths import REPO_ROOT
 from custom_components.planning import make_plan
+from custom_components.run_files import atomic_write_json
 from custom_components.synthetic import write_dataset
 
 CASES, EMPTY, SHAPE, SPACING = 10, 2, (96, 96, 12), (0.8, 0.8, 4.0)

@@ -32,9 +32,10 @@ from monai.data.utils import set_rnd
 from monai.utils import MAX_SEED
 
 from custom_components.bundle import expression_ids
-from custom_components.handlers import epoch_seed, remove_stale_temporaries
+from custom_components.handlers import epoch_seed
 from custom_components.imageio import IMAGE_SUFFIXES, PLANAR_SUFFIXES, ImageReadError, read_header, read_image
 from custom_components.imageio import NIFTI_SUFFIXES as NIFTI_SUFFIXES  # re-exported for `from ..data import`
+from custom_components.run_files import remove_stale_temporaries
 from custom_components.runlock import not_a_folder
 
 logger = logging.getLogger(__name__)

@@ -33,6 +33,8 @@ EMPTY_POLICY = (
     "HD95 = the diagonal of the scored image in mm (Metrics Reloaded: empty cases decided explicitly, never dropped)"
 )
 SURFACE_METRICS = ("hd95", "nsd")
+CASE_METRICS = ("dice", *SURFACE_METRICS)  # per case and class in an evaluation.json (HD95 in mm)
+METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}  # as the reports' tables name them
 
 
 def spacing_of(tensor: torch.Tensor, spatial_dims: int) -> list[float]:

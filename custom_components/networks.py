@@ -18,6 +18,18 @@ from torch.nn.modules.loss import _Loss
 from custom_components.norms import resolve_norm, standardize_convs
 
 
+def total_downsampling(strides: Sequence[Any], dims: int) -> list[int] | None:
+    """The network's total downsampling along each of ``dims`` axes, the product of its strides (an int, or one per
+    axis): every input size must be a multiple of it. None when a stride has another number of axes."""
+    total = [1] * dims
+    for stride in strides:
+        per_axis = list(stride) if isinstance(stride, list | tuple) else [stride] * dims
+        if len(per_axis) != dims:
+            return None
+        total = [int(t * s) for t, s in zip(total, per_axis, strict=True)]
+    return total
+
+
 class UNetWithoutSkips(UNet):
     """MONAI's ``UNet`` with the encoder-to-decoder connections removed: the same depth, channels, norm and blocks,
     each decoder level reading only the level below it instead of that output concatenated with the encoder's.

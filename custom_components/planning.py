@@ -33,8 +33,9 @@ from monai.bundle import ConfigParser
 
 from custom_components.data import check_datalist, first_image_dims, load_dataset_json
 from custom_components.fingerprint import compute_fingerprint
-from custom_components.handlers import atomic_write_bytes, atomic_write_json
+from custom_components.networks import total_downsampling
 from custom_components.paths import REPO_ROOT
+from custom_components.run_files import atomic_write_bytes, atomic_write_json
 
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net: an axis is low-resolution when 3x coarser in spacing and 3x fewer voxels
 ANISOTROPIC_PERCENTILE = 10  # nnU-Net: target spacing of that axis, so thin-slice cases keep their resolution
@@ -128,11 +129,8 @@ def class_weights(fractions: Sequence[float]) -> list[float]:
 
 
 def divisibility(strides: Sequence[int | Sequence[int]], dims: int) -> np.ndarray:
-    """Per axis, the factor every patch size must be a multiple of: the product of the network's strides."""
-    divisor = np.ones(dims, dtype=int)
-    for stride in strides:
-        divisor *= np.broadcast_to(np.asarray(stride, dtype=int), (dims,))
-    return divisor
+    """Per axis, the factor every patch size must be a multiple of (:func:`networks.total_downsampling`)."""
+    return np.asarray(total_downsampling(strides, dims), dtype=int)
 
 
 def pool_and_conv_props(

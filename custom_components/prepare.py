@@ -36,9 +36,9 @@ from custom_components.data import (
     load_dataset_json,
     voxel_sizes,
 )
-from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.imageio import ITK_SUFFIXES, NIFTI_SUFFIXES, ImageReadError, read_header, read_image
 from custom_components.planning import PlanError, bundle_config, make_plan, planned_keys
+from custom_components.run_files import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -37,9 +37,10 @@ from typing import Any
 import yaml
 
 from custom_components.config_text import flow, freeze, user_keys
-from custom_components.handlers import MODEL_FILE, atomic_write_bytes, atomic_write_json
+from custom_components.handlers import MODEL_FILE
 from custom_components.kfold.layout import EVALUATION_FILE, METADATA_FILE, METRICS_FILE
 from custom_components.run_bundle import CONFIGS, COPIED, intended_use
+from custom_components.run_files import atomic_write_bytes, atomic_write_json
 
 DATA_ROOT = "/workspace/data"  # where the published configs look for the dataset, as the zoo's bundles write it
 DATASET_KEYS = ("dataset_dir", "training_dataset_dir")  # set to DATA_ROOT/<the dataset's folder name>

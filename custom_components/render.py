@@ -23,11 +23,10 @@ import yaml
 
 from custom_components.config_text import flow
 from custom_components.paths import REPO_ROOT
-from custom_components.settings import DECLARATIONS, declared_field
+from custom_components.settings_declarations import CONFIGS, DECLARATIONS, declared_field
 
 TEMPLATE = REPO_ROOT / "bundles" / "template"
 BUNDLES = {"unet3d": 3, "unet2d": 2}  # bundle folder -> spatial dimensions
-CONFIGS = ("train", "evaluate", "inference")  # the workflows whose keys settings.yaml declares
 LINE_LENGTH = 120
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from custom_components.config_text import flow
-from custom_components.handlers import atomic_write_bytes
 from custom_components.kfold.layout import (
     METADATA_FILE,
 )
 from custom_components.report_figures import chosen_cases, plot_case, plot_curves
 from custom_components.report_sources import METRICS, TRAIN_CONFIG, ReportError, Source, read_source, shown
+from custom_components.run_files import atomic_write_bytes
 
 REPORT_FILE = "report.html"
 PACKAGES = ("torch", "monai", "numpy")  # versions in the environment section, besides Python's

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from custom_components.config_text import WIRING, flow, user_text
@@ -28,13 +27,13 @@ from custom_components.kfold.layout import (
     STATE_FILE,
     fold_layout,
 )
-from custom_components.kfold.scores import out_of_fold
-from custom_components.metrics import summary
+from custom_components.kfold.scores import mean_or_none, out_of_fold, valid_scores
+from custom_components.metrics import CASE_METRICS, METRIC_TITLES, summary
+from custom_components.sweep.layout import REPORT_JSON as SWEEP_REPORT
 
-SWEEP_REPORT = "sweep_report.json"  # what `python -m custom_components.sweep report` writes into a sweep folder
 TRAIN_CONFIG = Path("configs") / "train.yaml"
 # the per-case metrics an evaluation may hold: key, name on the page, digits shown
-METRICS = (("dice", "Dice", 3), ("hd95", "HD95 [mm]", 2), ("nsd", "NSD", 3))
+METRICS = tuple((metric, METRIC_TITLES[metric], {"hd95": 2}.get(metric, 3)) for metric in CASE_METRICS)
 PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # the voxel axis each plane cuts across (RAS order)
 VERSION_KEYS = ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version")
 
@@ -247,12 +246,6 @@ def read_run(run: Path) -> Source:
     )
 
 
-def _mean(values: Sequence[Any]) -> float | None:
-    """Mean of the finite numbers among ``values``; None when there are none."""
-    numbers = finite(values)
-    return float(np.mean(numbers)) if numbers else None
-
-
 def _out_of_fold(scored: Sequence[tuple[str, Mapping[str, dict]]], class_names: Sequence[str]) -> dict[str, dict]:
     """The K-fold report's out-of-fold scores of each case (averaged over repeats), with its files from the first
     fold that scored it."""
@@ -326,7 +319,7 @@ def read_kfold(output: Path) -> Source:
         curves=curves,
         cases=cases,
         summary=summary,
-        mean_dice=_mean([case["mean_dice"] for case in cases.values()]),
+        mean_dice=mean_or_none(valid_scores([case["mean_dice"] for case in cases.values()])),
         headline=_means(summary),
         headline_note=f"out-of-fold means: each of {len(cases)} cases scored by the model that did not train on it",
         settings=[(STATE_FILE, [(key, state.get(key)) for key in (*IDENTITY, "max_epochs")]), *settings],

@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
@@ -26,7 +25,9 @@ from monai.bundle import ConfigWorkflow
 from custom_components.bundle import expression_ids, running
 from custom_components.config_text import flow, freeze, plain, user_keys
 from custom_components.data import case_id
-from custom_components.handlers import TrainingReport, atomic_write_bytes, atomic_write_json
+from custom_components.handlers import TrainingReport
+from custom_components.networks import total_downsampling
+from custom_components.run_files import atomic_write_bytes, atomic_write_json
 
 CONFIGS = ("train", "inference", "evaluate", "multi_gpu_train")  # the bundle's workflows, each copied if present
 TRAINING_CONFIGS = ("train", "multi_gpu_train")  # their output_dir is the run folder itself, wherever it is moved
@@ -60,14 +61,6 @@ def intended_use(class_names: Sequence[str]) -> str:
         f"Research: segments {', '.join(class_names)} in images like its training data; not a medical device. Score "
         "it on labelled cases of your own (configs/evaluate.yaml) before relying on it."
     )
-
-
-def divisor(strides: Sequence[int | Sequence[int]], dims: int) -> list[int]:
-    """Total downsampling of the network along each axis: inputs must be a multiple of it."""
-    total = np.ones(dims, dtype=int)
-    for stride in strides:
-        total *= np.broadcast_to(np.asarray(stride, dtype=int), (dims,))
-    return total.tolist()
 
 
 class RunBundle:
@@ -149,7 +142,9 @@ class RunBundle:
         meta = json.loads((self.source / "configs" / "metadata.json").read_text())
         values = self.values
         dims = int(values["spatial_dims"])
-        shape = [f"{2 * size}*n" for size in divisor(values["strides"], dims)]  # n=1 leaves a bottleneck of 2
+        shape = [
+            f"{2 * size}*n" for size in total_downsampling(values["strides"], dims)
+        ]  # n=1 leaves a bottleneck of 2
         modalities = [str(name) for _, name in sorted(values["modality"].items(), key=lambda kv: int(kv[0]))]
         context = int(values.get("context_slices", 0))
         if context:
@@ -404,7 +399,7 @@ def resume_problem(
     the ones derived from the dataset (``num_classes``, ...) are resolved and compared after, still before any
     case is read or cached. The checkpoint is tried as tensors and plain values first (nothing in it executed).
     """
-    from custom_components.handlers import CheckpointError, read_checkpoint
+    from custom_components.run_files import CheckpointError, read_checkpoint
 
     run = Path(output_dir)
     checkpoint = run / CHECKPOINT_FILE

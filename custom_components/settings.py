@@ -26,10 +26,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
-import functools
-import json
 import logging
-import math
 import os
 import re
 import sys
@@ -37,37 +34,25 @@ import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 from urllib.parse import urlparse
 
-import torch
-import yaml
-from monai.bundle import DEFAULT_MLFLOW_SETTINGS, ConfigParser, ConfigWorkflow
-from monai.bundle.utils import ID_SEP_KEY
-from monai.networks.layers.factories import Norm
+from monai.bundle import DEFAULT_MLFLOW_SETTINGS, ConfigWorkflow
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    PlainValidator,
-    Strict,
     ValidationError,
     create_model,
-    model_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from custom_components.bundle import expression_ids, running
 from custom_components.config_text import flow
-from custom_components.norms import NORM_CHOICES, resolve_norm
+from custom_components.networks import total_downsampling
+from custom_components.norms import resolve_norm
 from custom_components.plan_file import PLAN_KEY, Plan, read_plan
-from custom_components.transforms import INTENSITY_SCHEMES
+from custom_components.settings_declarations import CONFIGS, BundleConfigs, declarations
+from custom_components.settings_types import STRICT, annotation, boolean, describe, list_length, names_text, show
 
 logger = logging.getLogger(__name__)
 
-DECLARATIONS = Path(__file__).with_name("settings.yaml")  # every key, declared once (render.py writes the configs)
-CONFIGS = ("train", "evaluate", "inference")  # the workflows whose keys settings.yaml declares
 # Top-level keys MONAI's `--tracking mlflow` adds to a config (its settings' configs that are not handlers), and the
 # metadata's key
 TRACKING_KEYS = tuple(
@@ -76,9 +61,7 @@ TRACKING_KEYS = tuple(
 META_KEY = "_meta_"
 # MLflow opens no file store (a file:// URI or a path) unless this variable is true: a tracking_uri so stops the run
 FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
-BOOLEANS = {"true": True, "True": True, "1": True, "false": False, "False": False, "0": False}
 LISTING = "python -m custom_components.settings"
-STRICT = ConfigDict(strict=True, arbitrary_types_allowed=True)
 # keys one `architecture` builds alone: that architecture, and the value that leaves the key out of the other one
 ARCHITECTURE_ONLY = {
     "skip_connections": ("unet", True),
@@ -86,365 +69,6 @@ ARCHITECTURE_ONLY = {
     "deep_supervision": ("dynunet", False),
 }
 DYNUNET_MIN_LEVELS = 3  # MONAI's DynUNet builds at least three resolution levels
-
-
-# --- the declarations ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Declaration:
-    """One key of one bundle (``unet3d``, ``unet2d``) as settings.yaml declares it."""
-
-    key: str
-    section: str
-    configs: tuple[str, ...]
-    help: Mapping[str, str]  # config -> meaning
-    check: Mapping[str, Any]
-
-    @property
-    def type(self) -> str:
-        return self.check.get("type", "any")
-
-
-def declared_field(entry: Mapping[str, Any], bundle: str, config: str, name: str, default: Any = None) -> Any:
-    """A field of a settings.yaml entry: the bundle's value for this config first, the general value last."""
-    layers = (entry.get(bundle, {}), entry)
-    for layer in layers:
-        if f"{name}_{config}" in layer:
-            return layer[f"{name}_{config}"]
-    for layer in layers:
-        if name in layer:
-            return layer[name]
-    return default
-
-
-@functools.cache
-def _declared() -> dict[str, dict[str, Any]]:
-    return yaml.safe_load(DECLARATIONS.read_text())
-
-
-def bundle_kinds() -> tuple[str, ...]:
-    """The bundles settings.yaml declares keys for (``unet3d``, ``unet2d``)."""
-    kinds: dict[str, None] = {}
-    for entries in _declared().values():
-        for entry in entries.values():
-            kinds.update(dict.fromkeys(entry.get("bundles", ())))
-            kinds.update(dict.fromkeys(name for name in entry if re.fullmatch(r"unet\dd", name)))
-    return tuple(kinds)
-
-
-@functools.cache
-def declarations(kind: str) -> dict[str, Declaration]:
-    """The keys of bundle ``kind``, in declaration order."""
-    found = {}
-    for section, entries in _declared().items():
-        for key, entry in entries.items():
-            if "bundles" in entry and kind not in entry["bundles"]:
-                continue
-            configs = tuple(entry.get("configs", ["train"]))
-            found[key] = Declaration(
-                key=key,
-                section=section,
-                configs=configs,
-                help={c: " ".join(str(declared_field(entry, kind, c, "help", "")).split()) for c in CONFIGS},
-                check={**entry.get("check", {}), **entry.get(kind, {}).get("check", {})},
-            )
-    return found
-
-
-# --- a bundle's own configs ---------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=64)
-def _read_config(file: Path, mtime_ns: int) -> Any:
-    """A config file's content as written (read again when it changes; never modified by the callers)."""
-    if file.suffix == ".json":
-        return json.loads(file.read_text())
-    return yaml.load(file.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 (safe)
-
-
-@dataclass
-class BundleConfigs:
-    """The raw content of a bundle's ``configs/*.yaml``: its known ids and the values it writes itself."""
-
-    root: Path
-    folder: Path
-    files: dict[str, dict[str, Any]]  # config name (train, evaluate, ...) -> top-level content as written
-
-    @classmethod
-    def read(cls, bundle: str | Path) -> BundleConfigs:
-        path = Path(bundle).resolve()
-        if (path / "configs").is_dir():
-            root, folder = path, path / "configs"
-        elif path.name == "configs":
-            root, folder = path.parent, path
-        else:
-            root, folder = path, path
-        files = {}
-        for file in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml"), *folder.glob("*.json")]):
-            content = _read_config(file, file.stat().st_mtime_ns) if file.name != "metadata.json" else None
-            if isinstance(content, dict):
-                files[file.stem] = content
-        return cls(root, folder, files)
-
-    def ids(self) -> set[str]:
-        return {str(key) for content in self.files.values() for key in content}
-
-    def values(self, config: str) -> dict[str, Any]:
-        """The top-level content of ``config`` (train.yaml's for a config the bundle lacks)."""
-        return dict(self.files.get(config, self.files.get("train", {})))
-
-    def own(self, key: str) -> list[Any]:
-        """Every value the bundle's configs write for ``key``: as written, and as MONAI's parser holds it once
-        parsed (relative ids resolved, ``#`` written ``::``)."""
-        written = [content[key] for content in self.files.values() if key in content]
-        return [*written, *(_as_parsed(key, value) for value in written)]
-
-    def kind(self, config: str) -> str:
-        """Which declared bundle this one is (a copy or a run folder of ``unet3d`` or ``unet2d``): the one whose
-        declared keys its config holds best."""
-        written = set(self.values(config)) or self.ids()
-
-        def fit(kind: str) -> tuple[int, int]:
-            keys = {k for k, d in declarations(kind).items() if config in d.configs}
-            return len(keys & written) - len(keys - written), -len(keys)
-
-        return max(bundle_kinds(), key=fit)
-
-
-# --- what a key takes: pydantic types built from the declarations ------------------------------------------------
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _bounds_text(check: Mapping[str, Any]) -> str:
-    signs = (("min", ">="), ("gt", ">"), ("max", "<="), ("lt", "<"))
-    text = " and ".join(f"{sign} {_show(check[name])}" for name, sign in signs if name in check)
-    if check.get("allow"):
-        text += f" (or {', '.join(map(_show, check['allow']))})"
-    return text
-
-
-def _in_bounds(check: Mapping[str, Any], value: Any) -> bool:
-    if value in check.get("allow", ()):
-        return True
-    return all(
-        name not in check or test(value, check[name])
-        for name, test in (
-            ("min", lambda v, b: v >= b),
-            ("gt", lambda v, b: v > b),
-            ("max", lambda v, b: v <= b),
-            ("lt", lambda v, b: v < b),
-        )
-    )
-
-
-def _bounded(check: Mapping[str, Any]) -> Callable[[Any], Any]:
-    def validate(value: Any) -> Any:
-        if _number(value) and not _in_bounds(check, value):
-            raise PydanticCustomError("range", "should be {bounds}", {"bounds": _bounds_text(check)})
-        if "choices" in check and value not in check["choices"]:
-            raise PydanticCustomError("choice", "should be one of: {names}", {"names": _names(check["choices"])})
-        return value
-
-    return validate
-
-
-def _boolean(value: Any) -> Any:
-    """``true/false/True/False/1/0`` (text, as fire passes ``--key false``, or YAML) as a bool; nothing else."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value in BOOLEANS:
-        return BOOLEANS[value]
-    raise PydanticCustomError("boolean", "should be true or false (True/False/1/0 are taken too)")
-
-
-def _path(value: Any) -> Any:
-    if isinstance(value, os.PathLike) or (isinstance(value, str) and value.strip()):
-        return value
-    raise PydanticCustomError("path", "should be a file or folder path")
-
-
-def _device(value: Any) -> Any:
-    if isinstance(value, torch.device):
-        return value
-    if isinstance(value, str):
-        try:
-            torch.device(value)
-            return value
-        except (RuntimeError, ValueError):
-            pass
-    raise PydanticCustomError("device", "should be a torch device such as cpu, cuda or cuda:0")
-
-
-def norm_names() -> list[str]:
-    """``norm`` names: the bundles' choices, then MONAI's norm layers (its factory, with ``group_auto`` registered)."""
-    monai = [name.lower() for name in Norm.names if name.lower() not in NORM_CHOICES]
-    return [*NORM_CHOICES, *monai]
-
-
-def _norm(value: Any) -> Any:
-    names = norm_names()
-    if isinstance(value, str) and value.lower() in names:
-        return value
-    if (
-        isinstance(value, list | tuple)
-        and len(value) == 2
-        and isinstance(value[0], str)
-        and value[0].lower() in names
-        and isinstance(value[1], Mapping)
-    ):
-        return value
-    raise PydanticCustomError("norm", "is not a normalisation the network knows")
-
-
-def _stride(check: Mapping[str, Any], spatial_dims: int | None) -> Callable[[Any], Any]:
-    def validate(value: Any) -> Any:
-        axes = value if isinstance(value, list | tuple) else [value]
-        per_axis = isinstance(value, list | tuple)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in axes) or (
-            per_axis and spatial_dims is not None and len(axes) != spatial_dims
-        ):
-            raise PydanticCustomError(
-                "stride", "should be an integer or a list of {n} integers (one per axis)", {"n": spatial_dims or "N"}
-            )
-        if not all(_in_bounds(check, v) for v in axes):
-            raise PydanticCustomError("range", "should be {bounds}", {"bounds": _bounds_text(check)})
-        return value
-
-    return validate
-
-
-def _window(value: Any) -> Any:
-    if value is None or (
-        isinstance(value, list | tuple) and len(value) == 2 and all(map(_number, value)) and value[0] < value[1]
-    ):
-        return value
-    raise PydanticCustomError("window", "should be [low, high], two numbers with low < high")
-
-
-def _optional_number(positive: bool) -> Callable[[Any], Any]:
-    def validate(value: Any) -> Any:
-        if value is None or (_number(value) and math.isfinite(value) and (not positive or value > 0)):
-            return value
-        raise PydanticCustomError("number", "should be a number > 0" if positive else "should be a number")
-
-    return validate
-
-
-class Intensity(BaseModel):
-    """The ``intensity`` key: what :func:`custom_components.transforms.intensity_transform` takes, and its rules."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    scheme: Literal[INTENSITY_SCHEMES] = "ct_window"  # type: ignore[valid-type]
-    window: Annotated[Any, PlainValidator(_window)] = (-160.0, 240.0)
-    mean: Annotated[Any, PlainValidator(_optional_number(False))] = None
-    std: Annotated[Any, PlainValidator(_optional_number(True))] = None
-
-    @model_validator(mode="after")
-    def _scheme_has_what_it_needs(self) -> Intensity:
-        if self.scheme in ("ct_window", "ct_zscore") and self.window is None:
-            raise PydanticCustomError("intensity", "scheme {scheme} needs window", {"scheme": self.scheme})
-        if self.scheme == "ct_zscore" and (self.mean is None or self.std is None):
-            raise PydanticCustomError("intensity", "scheme ct_zscore needs mean and std (see `prepare plan`)")
-        return self
-
-
-ITEM_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
-
-
-def _annotation(check: Mapping[str, Any], spatial_dims: int | None) -> Any:
-    """The pydantic type of a declared key (null is handled before)."""
-    kind = check.get("type", "any")
-    bounded = AfterValidator(_bounded(check))
-    if kind in ITEM_TYPES:
-        return Annotated[ITEM_TYPES[kind], bounded]
-    if kind == "bool":
-        return Annotated[bool, BeforeValidator(_boolean)]
-    if kind == "list":
-        items = check.get("items", "any")
-        if items == "stride":
-            item = Annotated[Any, PlainValidator(_stride(check, spatial_dims))]
-        else:
-            item = Annotated[ITEM_TYPES.get(items, Any), bounded]
-        return Annotated[list[item], Strict(False)]  # a tuple from Python is a list too
-    if kind == "dict":
-        return dict[str, Any]
-    if kind == "intensity":
-        return Intensity
-    special = {"path": _path, "device": _device, "norm": _norm}
-    if kind in special:
-        return Annotated[Any, PlainValidator(special[kind])]
-    return Any
-
-
-# --- descriptions: what a key takes, in words ---------------------------------------------------------------------
-
-ITEM_WORDS = {
-    "int": "integers",
-    "float": "numbers",
-    "str": "names",
-    "stride": "integers or lists of one integer per axis",
-}
-
-
-def describe(declaration: Declaration, values: Mapping[str, Any] | None = None, catalogue: Any = None) -> str:
-    """What ``declaration``'s key takes, in words; ``values`` (the other keys) give a list its length."""
-    check = declaration.check
-    kind = declaration.type
-    bounds = _bounds_text(check)
-    if kind == "int":
-        text = "an integer" + (f" {bounds}" if bounds else "")
-    elif kind == "float":
-        text = "a number" + (f" {bounds}" if bounds else "")
-    elif kind == "bool":
-        text = "true or false"
-    elif kind == "str":
-        text = "a name"
-    elif kind == "path":
-        text = "a file or folder path"
-    elif kind == "device":
-        text = "a torch device: cpu, cuda or cuda:N"
-    elif kind == "dict":
-        text = "a mapping"
-    elif kind == "norm":
-        text = f'one of {_names(norm_names())}, or a MONAI norm with arguments such as ["group", {{"num_groups": 4}}]'
-    elif kind == "intensity":
-        text = (
-            f"{{scheme: {' | '.join(INTENSITY_SCHEMES)}, window: [low, high], mean, std}}: ct_window needs window, "
-            "ct_zscore window, mean and std > 0"
-        )
-    elif kind == "list":
-        reference = check.get("length")
-        count = _length(reference, values or {}) if reference is not None else None
-        items = ITEM_WORDS.get(check.get("items"), "values")
-        if count is not None:
-            text = f"a list of {count} {items}"
-        elif reference is not None:
-            text = f"a list of {items}, as many as {reference}"
-        else:
-            text = f"a list of {items}"
-        if "min_length" in check:
-            text += f" (at least {check['min_length']})"
-        if bounds:
-            text += f", each {bounds}"
-        if "divisible_by" in check:
-            text += f", multiples of the network's total downsampling (the product of `{check['divisible_by']}`)"
-    else:
-        text = "any value"
-    if "choices" in check:
-        text = f"one of: {_names(check['choices'])}"
-    if "choices_from" in check:
-        names = list(catalogue) if isinstance(catalogue, Mapping) else None
-        text = f"an entry of `{check['choices_from']}`" + (f": {_names(names)}" if names else "")
-    if check.get("nullable"):
-        text += ", or null"
-    return text
 
 
 # --- the check ----------------------------------------------------------------------------------------------------
@@ -460,7 +84,7 @@ class Problem:
     fix: str
 
     def __str__(self) -> str:
-        return f"{self.key} = {_show(self.value)}: {self.problem}; {self.fix}"
+        return f"{self.key} = {show(self.value)}: {self.problem}; {self.fix}"
 
 
 @dataclass
@@ -469,29 +93,6 @@ class Checked:
 
     problems: list[Problem] = field(default_factory=list)
     converted: dict[str, Any] = field(default_factory=dict)
-
-
-def _show(value: Any, limit: int = 100) -> str:
-    try:
-        text = json.dumps(value, default=str)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _names(names: Iterable[Any]) -> str:
-    return ", ".join(str(name) for name in names)
-
-
-def _as_parsed(id: str, value: Any) -> Any:
-    """``value`` at ``id`` as MONAI's ``ConfigParser.parse`` rewrites it (relative ids made absolute, ``::``)."""
-    if isinstance(value, str):
-        return ConfigParser.resolve_relative_ids(id, value)
-    if isinstance(value, Mapping):
-        return {k: _as_parsed(f"{id}{ID_SEP_KEY}{k}", item) for k, item in value.items()}
-    if isinstance(value, list):
-        return [_as_parsed(f"{id}{ID_SEP_KEY}{i}", item) for i, item in enumerate(value)]
-    return value
 
 
 def _set_nested(base: Any, path: Sequence[str], value: Any) -> Any:
@@ -520,32 +121,6 @@ def _unknown(key: str, value: Any, known: Iterable[str], preferred: Iterable[str
     close = difflib.get_close_matches(key, list(preferred), n=1) or difflib.get_close_matches(key, list(known), n=1)
     hint = f"did you mean `{close[0]}`? " if close else ""
     return Problem(key, value, "not a key of this bundle", f"{hint}(every key: {listing})")
-
-
-def _length(reference: Any, resolved: Mapping[str, Any]) -> int | None:
-    """A declared ``length``: a number, a key (its value, or its length for a list), or ``KEY - N``."""
-    if isinstance(reference, int):
-        return reference
-    match = re.fullmatch(r"\s*([a-z_]+)\s*(?:([-+])\s*(\d+))?\s*", str(reference))
-    if not match or match.group(1) not in resolved:
-        return None
-    value = resolved[match.group(1)]
-    base = len(value) if isinstance(value, list | tuple) else value if isinstance(value, int) else None
-    if base is None or isinstance(base, bool):
-        return None
-    offset = int(match.group(3) or 0) * (-1 if match.group(2) == "-" else 1)
-    return base + offset
-
-
-def _downsampling(strides: Sequence[Any], axes: int) -> list[int] | None:
-    """The network's total downsampling along each of ``axes`` axes: the product of the strides."""
-    total = [1] * axes
-    for stride in strides:
-        per_axis = list(stride) if isinstance(stride, list | tuple) else [stride] * axes
-        if len(per_axis) != axes:
-            return None
-        total = [t * s for t, s in zip(total, per_axis, strict=True)]
-    return total
 
 
 def _error_texts(errors: Sequence[Mapping[str, Any]]) -> str:
@@ -581,7 +156,7 @@ def _architecture_problems(resolved: Mapping[str, Any], applies: Callable[..., b
                     key,
                     resolved[key],
                     f"is built by architecture {owner} only, and the architecture is {architecture}",
-                    f"set {key} to {_show(neutral)}, or architecture to {owner}",
+                    f"set {key} to {show(neutral)}, or architecture to {owner}",
                 )
             )
     if architecture != "dynunet":
@@ -665,7 +240,7 @@ def validate(
                         value,
                         "a MONAI expression, reference or macro, not run: only the bundle's own configs may compute "
                         "this key",
-                        "give a literal value" + (f" such as {_show(literal)}" if literal is not None else ""),
+                        "give a literal value" + (f" such as {show(literal)}" if literal is not None else ""),
                     )
                 )
             continue  # a value the bundle computes (num_classes from dataset.json): checked where it is used
@@ -680,7 +255,7 @@ def validate(
     # types and ranges, every key at once (pydantic)
     spatial_dims = effective.get("spatial_dims")
     spatial_dims = spatial_dims if isinstance(spatial_dims, int) and spatial_dims in (2, 3) else None
-    fields = {key: (_annotation(declared[key].check, spatial_dims), ...) for key in to_validate}
+    fields = {key: (annotation(declared[key].check, spatial_dims), ...) for key in to_validate}
     model = create_model("Settings", __config__=STRICT, **fields)  # type: ignore[call-overload]
     errors: dict[str, list[Any]] = {}
     try:
@@ -695,7 +270,7 @@ def validate(
                     Problem(key, value, _error_texts(errors[key]), f"give {describe(declared[key], effective)}")
                 )
             continue
-        converted = _boolean(value) if declared[key].type == "bool" else value
+        converted = boolean(value) if declared[key].type == "bool" else value
         if key in given and declared[key].type == "bool" and not isinstance(value, bool):
             checked.converted[key] = converted
         resolved[key] = converted
@@ -714,7 +289,7 @@ def validate(
             reference = check["length"]
             other = re.match(r"[a-z_]+", str(reference))
             others = [other.group(0)] if other else []
-            n = _length(reference, resolved)
+            n = list_length(reference, resolved)
             if n is not None and len(value) != n and applies(key, *others):
                 why = "" if isinstance(reference, int) else f" ({reference} = {n})"
                 fix = f"give {describe(declaration, resolved)}" + "".join(f", or change {o}" for o in others)
@@ -729,16 +304,16 @@ def validate(
         if "divisible_by" in check and key in resolved and check["divisible_by"] in resolved:
             other = check["divisible_by"]
             patch, strides = resolved[key], resolved[other]
-            total = _downsampling(strides, len(patch)) if isinstance(patch, list) else None
+            total = total_downsampling(strides, len(patch)) if isinstance(patch, list) else None
             if total and applies(key, other) and any(p % t or p < t for p, t in zip(patch, total, strict=True)):
                 fit = [max(t, round(p / t) * t) for p, t in zip(patch, total, strict=True)]
                 problems.append(
                     Problem(
                         key,
                         patch,
-                        f"does not fit the network: its {other} {_show(strides)} downsample each axis by "
-                        f"{_show(total)}, so each value must be a multiple of that (and at least it)",
-                        f"give e.g. {_show(fit)}, or change {other}",
+                        f"does not fit the network: its {other} {show(strides)} downsample each axis by "
+                        f"{show(total)}, so each value must be a multiple of that (and at least it)",
+                        f"give e.g. {show(fit)}, or change {other}",
                     )
                 )
         section = check.get("choices_from")
@@ -752,7 +327,7 @@ def validate(
                         key,
                         resolved[key],
                         f"not an entry of `{section}`",
-                        f"give one of: {_names(catalogue)} (or add an entry to `{section}` in train.yaml)",
+                        f"give one of: {names_text(catalogue)} (or add an entry to `{section}` in train.yaml)",
                     )
                 )
     problems.extend(_architecture_problems(resolved, applies))

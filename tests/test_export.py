@@ -129,7 +129,7 @@ def test_a_folder_that_is_not_a_run_is_refused_naming_the_missing_file(tmp_path:
 
 
 def test_a_planted_model_is_refused_not_executed(run2d: Path, tmp_path: Path) -> None:
-    """models/model.pt is read as tensors only (handlers.read_checkpoint): a planted pickle stops the export, named,
+    """models/model.pt is read as tensors only (run_files.read_checkpoint): a planted pickle stops the export, named,
     without PyTorch's advice to load it unsafely, and its payload never runs."""
     marker = tmp_path / "executed"
     model = run2d / "models" / "model.pt"

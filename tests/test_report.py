@@ -190,7 +190,7 @@ def test_kfold_report_shows_out_of_fold_scores_new_metrics_and_sorts_nulls_last(
 ) -> None:
     path = write_report(kfold_folder)
     text = path.read_text()
-    assert ">HD95 [mm]</td>" in text and ">NSD</td>" in text  # rows of the per-class table
+    assert ">HD95 (mm)</td>" in text and ">NSD</td>" in text  # rows of the per-class table
     assert "stable: &lt;the folds agree&gt;" in text  # report.json's verdict, escaped
     assert "no prediction" in text  # fold_1's cases have none: said, not a crash
     fold0 = _evaluation(kfold_folder / "fold_0")["cases"]

@@ -22,8 +22,8 @@ import yaml
 from monai.bundle import ConfigParser
 
 from custom_components import data, runlock
-from custom_components.handlers import CheckpointError, read_checkpoint
 from custom_components.run_bundle import resume_problem
+from custom_components.run_files import CheckpointError, read_checkpoint
 from tests.conftest import REPO, SMALL_3D, run_bundle
 
 TRAIN_3D = "bundles/unet3d/configs/train.yaml"

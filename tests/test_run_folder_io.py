@@ -20,7 +20,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components import handlers, runlock
+from custom_components import handlers, run_files, runlock
 from custom_components.data import (
     DatasetError,
     OutputDirError,
@@ -30,8 +30,8 @@ from custom_components.data import (
     split_datalist,
 )
 from custom_components.evaluation import evaluation_cases
-from custom_components.handlers import (
-    TrainingReport,
+from custom_components.handlers import TrainingReport
+from custom_components.run_files import (
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
@@ -57,7 +57,7 @@ def mode(path: Path) -> int:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if handlers.TEMPORARY_NAME.match(p.name))
+    return sorted(p.name for p in folder.iterdir() if run_files.TEMPORARY_NAME.match(p.name))
 
 
 @pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=oct)
@@ -98,7 +98,7 @@ def test_a_failed_write_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch: p
             seen["partial"] = seen["temporary"].stat().st_size
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(handlers.os, "fdopen", FullDisk)
+    monkeypatch.setattr(run_files.os, "fdopen", FullDisk)
     with pytest.raises(OSError, match="No space left on device .*previous content is kept") as raised:
         atomic_torch_save({"network": {"w": torch.arange(2000.0)}, "epoch": 4}, path)
     monkeypatch.undo()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from custom_components import settings
+from custom_components import settings, settings_declarations
 from custom_components.kfold.__main__ import main as kfold_main
 from custom_components.networks import UNetWithoutSkips
 from custom_components.prepare import main as prepare_main
@@ -319,7 +319,7 @@ def test_the_listing_names_every_key_with_its_default(capsys) -> None:
     assert settings.main([str(BUNDLE_3D)]) == 0
     listing = capsys.readouterr().out
     train = yaml.safe_load((BUNDLE_3D / "configs/train.yaml").read_text())
-    declared = settings.declarations("unet3d")
+    declared = settings_declarations.declarations("unet3d")
     keys = [key for key in train if key in declared]
     assert len(keys) == len([k for k, d in declared.items() if "train" in d.configs]) >= 50
     lines = listing.splitlines()

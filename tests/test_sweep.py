@@ -18,7 +18,7 @@ import optuna
 import pytest
 import yaml
 
-from custom_components import settings
+from custom_components import settings_declarations
 from custom_components.plan_file import read_plan
 from custom_components.sweep import study as study_module
 from custom_components.sweep.__main__ import main
@@ -147,7 +147,7 @@ def test_report_ranks_trials_and_writes_best_settings(shared: SharedSweep, capsy
     assert overlay["dropout"] == best["settings"]["dropout"]
     assert overlay["patch_size"] == [32, 32, 16] and overlay["max_epochs"] == 2
     # a plan file the bundle takes as it is (--plan_file): its settings only, literal values
-    plan = read_plan(shared.output / "best.yaml", settings.declarations("unet3d"), "listing")
+    plan = read_plan(shared.output / "best.yaml", settings_declarations.declarations("unet3d"), "listing")
     assert plan.problems == [] and plan.values == overlay
 
 

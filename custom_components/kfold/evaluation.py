@@ -21,8 +21,8 @@ from monai.networks.utils import one_hot
 from monai.utils import MetricReduction
 
 from custom_components.data import case_id
-from custom_components.handlers import atomic_write_json
 from custom_components.metrics import EMPTY_POLICY, SURFACE_METRICS, dice_per_class, postprocess_effect, summary
+from custom_components.run_files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

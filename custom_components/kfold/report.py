@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from custom_components.figures import png_bytes, pyplot
-from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.kfold.evaluation import DICE_SPACE, postprocess_effects
 from custom_components.kfold.layout import (
     CASE_FIELDS,
@@ -50,15 +49,15 @@ from custom_components.kfold.layout import (
     read_record,
     read_state,
 )
-from custom_components.kfold.scores import METRICS, mean_or_none, out_of_fold, valid_scores
+from custom_components.kfold.scores import mean_or_none, out_of_fold, valid_scores
 from custom_components.kfold.splits import KFoldError
-from custom_components.metrics import EMPTY_POLICY
+from custom_components.metrics import CASE_METRICS, EMPTY_POLICY, METRIC_TITLES
 from custom_components.metrics import summary as metric_summary
+from custom_components.run_files import atomic_write_bytes, atomic_write_json
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the confidence interval is reproducible
 WORST_CASES = 5  # the lowest out-of-fold cases named in the verdict section
-METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
 
 
 def spread(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -247,7 +246,7 @@ def build_report(output: Path, cv_threshold: float = 0.1) -> dict[str, Any]:
         }
     summary["oof_metrics"] = {
         metric: {name: metric_summary([score[metric][name] for score in oof.values()]) for name in class_names}
-        for metric in METRICS
+        for metric in CASE_METRICS
         if oof and all(metric in score for score in oof.values())
     }
     repeats = None
@@ -420,7 +419,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         ],
     )
     lines += ["", "Foreground size in mm³ (mm² for 2D images).", "", "## Out-of-fold scores per case", ""]
-    shown = [m for m in METRICS if all(m in s for s in report["out_of_fold"].values())]
+    shown = [m for m in CASE_METRICS if all(m in s for s in report["out_of_fold"].values())]
     lines += _table(
         ["case", "fold(s)", "mean Dice", *[f"{METRIC_TITLES[m]} {n}" for m in shown for n in names]],
         [

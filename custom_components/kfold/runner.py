@@ -33,7 +33,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from custom_components import settings
 from custom_components.bundle import bundle_command, changed_options, command_line_value
 from custom_components.data import check_datalist, load_dataset_json
-from custom_components.handlers import atomic_write_json
 from custom_components.kfold.bundle import Bundle
 from custom_components.kfold.ensemble import score_test_cases
 from custom_components.kfold.layout import (
@@ -57,6 +56,7 @@ from custom_components.kfold.layout import (
 )
 from custom_components.kfold.report import write_report
 from custom_components.kfold.splits import KFoldError, describe_cases, load_splits, make_splits
+from custom_components.run_files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

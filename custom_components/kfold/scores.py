@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-METRICS = ("dice", "hd95", "nsd")  # per case and class in the folds' evaluation.json (HD95 in mm)
+from custom_components.metrics import CASE_METRICS
 
 
 def valid_scores(values: Sequence[float | None]) -> list[float]:
@@ -42,7 +42,7 @@ def out_of_fold(folds: Sequence[Mapping[str, Any]], class_names: Sequence[str]) 
             "mean_dice": mean_or_none(means),
             "repeat_std": float(np.std(means, ddof=1)) if len(means) > 1 else None,
         }
-        for metric in METRICS:
+        for metric in CASE_METRICS:
             if all(score.get(metric) for _, score in entries):
                 result[case][metric] = {
                     name: mean_or_none(valid_scores([score[metric][name] for _, score in entries]))

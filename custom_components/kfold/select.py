@@ -30,7 +30,6 @@ from custom_components import settings
 from custom_components.bundle import changed_options, expression_ids
 from custom_components.data import case_id, check_datalist, load_dataset_json
 from custom_components.figures import png_bytes, pyplot
-from custom_components.handlers import atomic_write_bytes, atomic_write_json
 from custom_components.imageio import read_image
 from custom_components.kfold.bundle import Bundle, parse_set
 from custom_components.kfold.ensemble import predict
@@ -57,6 +56,7 @@ from custom_components.kfold.report import bootstrap_ci
 from custom_components.kfold.runner import complete_cv, plan_cv
 from custom_components.kfold.splits import KFoldError, describe_cases, make_splits
 from custom_components.paths import REPO_ROOT
+from custom_components.run_files import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from custom_components.bundle import expression_ids
 from custom_components.figures import png_bytes, pyplot
-from custom_components.handlers import atomic_write_bytes, atomic_write_json
+from custom_components.run_files import atomic_write_bytes, atomic_write_json
+from custom_components.sweep.layout import BEST_CONFIG, REPORT_JSON, REPORT_MD, STUDY_FILE
 from custom_components.sweep.space import SweepError
-from custom_components.sweep.study import OPTIONS_ATTR, STUDY_FILE, load_study, shown_url, storage_url
+from custom_components.sweep.study import OPTIONS_ATTR, load_study, shown_url, storage_url
 from custom_components.sweep.trial import shown
 
 logger = logging.getLogger(__name__)
 
-REPORT_MD, REPORT_JSON, BEST_CONFIG = "sweep_report.md", "sweep_report.json", "best.yaml"
 MIN_IMPORTANCE_TRIALS = 3  # PED-ANOVA compares the best trials with all: below this it has nothing to compare
 # the order of the table after the ranked COMPLETE trials
 STATE_ORDER = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 3}

@@ -24,11 +24,11 @@ from optuna.storages._rdb.models import TrialModel
 from optuna.trial import FrozenTrial, TrialState
 
 from custom_components.bundle import changed_options
+from custom_components.sweep.layout import STUDY_FILE
 from custom_components.sweep.space import Space, SweepError
 
 logger = logging.getLogger(__name__)
 
-STUDY_FILE = "study.db"  # the default storage: SQLite in the output folder
 OPTIONS_ATTR = "options"  # study user attr: what the sweep was started with (data; compared, never run)
 # A running trial's process writes a heartbeat this often; one silent for GRACE_S died with its machine or was killed:
 # it is marked FAIL and queued once more with the same settings (a new trial number, so a new folder).
