@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from monai.bundle import ConfigParser
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -28,7 +27,7 @@ from custom_components.planning import (
 from custom_components.prepare import main
 from custom_components.synthetic import write_dataset
 from custom_components.transforms import intensity_transform
-from tests.conftest import REPO
+from tests.conftest import REPO, run_bundle
 
 # a network small enough that measuring a training step takes a fraction of a second
 TINY_NETWORK = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}
@@ -272,12 +271,15 @@ def test_plan_on_known_data(tmp_path: Path) -> None:
     # median size at 0.7 x 0.7 x 4.4 mm is 40 x 36 x 11.4 voxels; the tiny network divides by 4 (two strides of 2)
     assert plan["patch_size"] == [40, 36, 8] and plan["batch_size"] == 2  # 5 cases: the 5% rule caps the batch
 
-    # the plan is a MONAI override file: merged after the bundle's config, its keys win
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "bundles/unet3d/configs/train.yaml"), str(path)])
+    # the README's command: the plan given with --plan_file trains (its dataset_dir too), read as data; the run
+    # folder writes every planned value as the literal it trained with
+    run = tmp_path / "run"
+    quick = {"max_epochs": 1, "num_workers": 0, "progress_bar": False, "report": False, "output_dir": run}
+    run_bundle("bundles/unet3d/configs/train.yaml", {"plan_file": path, **quick})
+    trained = yaml.safe_load((run / "configs/train.yaml").read_text().split("# Wiring:")[0])
     for key in ("spacing", "intensity", "class_weights", "patch_size", "batch_size", "channels", "dataset_dir"):
-        assert parser[key] == plan[key], key
-    assert parser["dataset_dir"] == str((tmp_path / "known").resolve())
+        assert trained[key] == plan[key], key
+    assert trained["dataset_dir"] == str((tmp_path / "known").resolve()) and trained["plan_file"] is None
     # air and the brightest organ voxel land on the window's ends, z-scored with the foreground statistics
     normalised = intensity_transform("image", **plan["intensity"])({"image": np.array([[-1000.0, 399.0]])})["image"]
     window = np.asarray(plan["intensity"]["window"])
