@@ -44,10 +44,10 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.handlers import MODEL_FILE, ModelError, load_weights
+from custom_components.handlers import MODEL_FILE
 from custom_components.kfold.layout import INFERENCE_CONFIG, METADATA_FILE
 from custom_components.networks import total_downsampling, without_deep_supervision
-from custom_components.run_files import atomic_write_bytes
+from custom_components.run_files import ModelError, atomic_write_bytes, load_weights
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}  # format -> default file name in RUN/models
 ATOL = 1e-4  # the check's tolerance: |exported - pytorch| <= ATOL + RTOL * |pytorch| at every voxel

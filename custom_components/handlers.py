@@ -30,11 +30,14 @@ from monai.data.utils import set_rnd
 from torch.optim.lr_scheduler import LRScheduler
 
 from custom_components.figures import png_bytes, pyplot
+from custom_components.networks import unwrap
 from custom_components.run_files import (
     CheckpointError,
+    ModelError,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
+    load_weights,
     read_checkpoint,
 )
 
@@ -44,11 +47,6 @@ NO_VALIDATION = "none: trained on every case (num_folds 1)"  # metrics.json's `v
 # a large share of a small network's step, and validations can come every few seconds (benchmarks/RESULTS.md)
 PLOT_INTERVAL_S = 30.0
 BUDGET_EPOCHS = 1_000_000  # the trainer's epoch limit under `time_budget_min`: the budget ends the run
-
-
-def unwrap(obj: Any) -> Any:
-    """The model inside a DistributedDataParallel (or DataParallel) wrapper, so saved weights load anywhere."""
-    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel) else obj
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -507,57 +505,6 @@ class EarlyStopping:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self.stopper is not None and state:
             self.stopper.load_state_dict(state)
-
-
-class ModelError(ValueError):
-    """A weights file that is missing or does not fit the network; the message says which keys differ."""
-
-
-def state_dict_differences(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any], shown: int = 5) -> list[str]:
-    """What differs between a network's state_dict and a loaded one: missing and unexpected keys, other shapes."""
-    missing = [key for key in expected if key not in found]
-    unexpected = [key for key in found if key not in expected]
-    shapes = [
-        f"{key} {tuple(found[key].shape)} (network: {tuple(value.shape)})"
-        for key, value in expected.items()
-        if key in found and hasattr(found[key], "shape") and tuple(found[key].shape) != tuple(value.shape)
-    ]
-    differences = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes)):
-        if items:
-            more = f" and {len(items) - shown} more" if len(items) > shown else ""
-            differences.append(f"{len(items)} {title}: {', '.join(items[:shown])}{more}")
-    return differences
-
-
-def load_weights(network: torch.nn.Module, path: str | Path, device: Any = "cpu") -> torch.nn.Module:
-    """Load a plain state_dict (``models/model.pt``) into ``network``, read as tensors only (:func:`read_checkpoint`:
-    nothing executed).
-
-    Raises :class:`ModelError` naming the file: one that is not tensors (it may execute code), or, for a network of
-    other settings, the keys and shapes that differ, instead of PyTorch's traceback through every parameter.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(
-            f"model_path {path} does not exist: train into this run folder first (models/model.pt is written at the "
-            "first validation) or pass --model_path with a weights file"
-        )
-    try:
-        state = read_checkpoint(path, device, fix="use a models/model.pt that a training run wrote")
-    except CheckpointError as err:
-        raise ModelError(str(err)) from None
-    target = unwrap(network)
-    differences = state_dict_differences(target.state_dict(), state) if isinstance(state, Mapping) else ["not a dict"]
-    if differences:
-        raise ModelError(
-            f"model_path {path} does not fit the network these settings build ({'; '.join(differences)}): use the "
-            "configs of the run folder that trained it (RUN/configs/inference.yaml), or the same network keys "
-            "(architecture, channels, strides, kernel_sizes, num_res_units, norm, skip_connections, deep_supervision, "
-            "in_channels, num_classes, context_slices)"
-        )
-    target.load_state_dict(state)
-    return network
 
 
 class ModelLoader:

@@ -18,6 +18,11 @@ from torch.nn.modules.loss import _Loss
 from custom_components.norms import resolve_norm, standardize_convs
 
 
+def unwrap(obj: Any) -> Any:
+    """The model inside a DistributedDataParallel (or DataParallel) wrapper, so saved weights load anywhere."""
+    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel) else obj
+
+
 def total_downsampling(strides: Sequence[Any], dims: int) -> list[int] | None:
     """The network's total downsampling along each of ``dims`` axes, the product of its strides (an int, or one per
     axis): every input size must be a multiple of it. None when a stride has another number of axes."""

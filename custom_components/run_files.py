@@ -3,7 +3,8 @@
 Every file a run writes goes through :func:`atomic_write_bytes` (a temporary file beside it, flushed to disk, then
 renamed over it, with the permissions the umask gives): a failed write (a full disk) leaves the previous file as it
 was, and :func:`remove_stale_temporaries` removes what a killed write left. Every weights or checkpoint file is read
-through :func:`read_checkpoint`: tensors and plain values only, nothing in it executed.
+through :func:`read_checkpoint`: tensors and plain values only, nothing in it executed; :func:`load_weights` puts
+a ``models/model.pt`` into its network, naming the keys and shapes that differ when it does not fit.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import re
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from custom_components.networks import unwrap
 
 # what tempfile.mkstemp(prefix=".NAME.") makes for a file a run writes (or the output_dir check's probe); other
 # dot-files (a `--output_dir ~` holds many) are never matched
@@ -138,3 +142,54 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", fix: str = CHEC
         first = (str(err).strip().splitlines() or [""])[0][:200]
         reason = f"cannot be read as a weights or checkpoint file ({type(err).__name__}: {first})"
     raise CheckpointError(f"{path} {reason}, so it was not loaded; {TRUSTED_ORIGIN}: {fix}")
+
+
+class ModelError(ValueError):
+    """A weights file that is missing or does not fit the network; the message says which keys differ."""
+
+
+def state_dict_differences(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any], shown: int = 5) -> list[str]:
+    """What differs between a network's state_dict and a loaded one: missing and unexpected keys, other shapes."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    shapes = [
+        f"{key} {tuple(found[key].shape)} (network: {tuple(value.shape)})"
+        for key, value in expected.items()
+        if key in found and hasattr(found[key], "shape") and tuple(found[key].shape) != tuple(value.shape)
+    ]
+    differences = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes)):
+        if items:
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            differences.append(f"{len(items)} {title}: {', '.join(items[:shown])}{more}")
+    return differences
+
+
+def load_weights(network: torch.nn.Module, path: str | Path, device: Any = "cpu") -> torch.nn.Module:
+    """Load a plain state_dict (``models/model.pt``) into ``network``, read as tensors only (:func:`read_checkpoint`:
+    nothing executed).
+
+    Raises :class:`ModelError` naming the file: one that is not tensors (it may execute code), or, for a network of
+    other settings, the keys and shapes that differ, instead of PyTorch's traceback through every parameter.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(
+            f"model_path {path} does not exist: train into this run folder first (models/model.pt is written at the "
+            "first validation) or pass --model_path with a weights file"
+        )
+    try:
+        state = read_checkpoint(path, device, fix="use a models/model.pt that a training run wrote")
+    except CheckpointError as err:
+        raise ModelError(str(err)) from None
+    target = unwrap(network)
+    differences = state_dict_differences(target.state_dict(), state) if isinstance(state, Mapping) else ["not a dict"]
+    if differences:
+        raise ModelError(
+            f"model_path {path} does not fit the network these settings build ({'; '.join(differences)}): use the "
+            "configs of the run folder that trained it (RUN/configs/inference.yaml), or the same network keys "
+            "(architecture, channels, strides, kernel_sizes, num_res_units, norm, skip_connections, deep_supervision, "
+            "in_channels, num_classes, context_slices)"
+        )
+    target.load_state_dict(state)
+    return network

@@ -14,13 +14,8 @@ from custom_components.kfold.bundle import parse_set
 from custom_components.kfold.ensemble import predict
 from custom_components.kfold.report import write_report
 from custom_components.kfold.runner import fold_jobs, plan_cv, run_cv
-from custom_components.kfold.select import (
-    DEFAULT_BUNDLES,
-    SELECT_STATE,
-    predict_selected,
-    run_selection,
-    write_selection,
-)
+from custom_components.kfold.select import DEFAULT_BUNDLES, predict_selected, run_selection, write_selection
+from custom_components.kfold.select_files import SELECT_STATE
 from custom_components.kfold.splits import KFoldError
 
 

@@ -24,7 +24,7 @@ from monai.engines import EnsembleEvaluator
 from monai.transforms import Activationsd, Compose, MeanEnsembled, SaveImaged
 
 from custom_components.data import DatasetError, case_id, check_datalist, list_images, load_dataset_json
-from custom_components.handlers import MODEL_FILE, ModelError, load_weights
+from custom_components.handlers import MODEL_FILE
 from custom_components.imageio import read_image
 from custom_components.kfold.evaluation import dice_scores, label_dice
 from custom_components.kfold.layout import (
@@ -39,7 +39,7 @@ from custom_components.kfold.layout import (
     read_state,
 )
 from custom_components.kfold.splits import KFoldError
-from custom_components.run_files import atomic_write_json
+from custom_components.run_files import ModelError, atomic_write_json, load_weights
 
 logger = logging.getLogger(__name__)
 
