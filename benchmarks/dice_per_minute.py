@@ -9,11 +9,13 @@ The data stand in for a thin-slab MR task: anisotropic synthetic volumes (0.8 x 
 large organ, lesions of under 0.5% of the voxels and two cases without foreground, one of them among the six
 training cases and one among the four validation cases (``splits.json``). The configurations (``CONFIGS``):
 
-- ``3D defaults``: bundles/unet3d as it ships;
+- ``3D defaults``: bundles/unet3d with ``plan: off``, its fixed defaults as the model zoo trains them;
+- ``3D bundle, one command``: bundles/unet3d as it ships, ``plan: auto`` planning when training starts (the plan
+  cached in ``OUT/plan_cache`` after the first budget; its time is not in the budget, as a plan file's is not);
 - ``3D plan, unet`` and ``3D plan, dynunet``: bundles/unet3d with ``prepare plan``'s file (``planning.make_plan``,
-  ``--set architecture=dynunet`` for the second), the user's workflow;
+  ``--set architecture=dynunet`` for the second), the explicit workflow;
 - ``3D plan, dynunet, deep supervision``: the dynunet plan with ``deep_supervision: true`` (nnU-Net's training);
-- ``2D defaults``: bundles/unet2d as it ships;
+- ``2D defaults``, ``2D bundle, one command`` and ``2D plan``: bundles/unet2d the same three ways;
 - ``3D plan, unet, compiled`` and ``3D plan, dynunet, compiled``: the two plans with ``compile: true`` (the network
   compiled by ``torch.compile``, its compile time inside the budget).
 
@@ -56,15 +58,19 @@ CASES, EMPTY, SHAPE, SPACING = 10, 2, (96, 96, 12), (0.8, 0.8, 4.0)
 # case_008 and case_009 are the cases without foreground, one on each side
 TRAIN = [f"case_{i:03d}" for i in (0, 1, 2, 3, 4, 8)]
 VAL = [f"case_{i:03d}" for i in (5, 6, 7, 9)]
-# name: (bundle, plan overrides or None for the bundle's defaults, training keys beyond RUN_KEYS)
-CONFIGS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
-    "3D defaults": ("unet3d", None, {}),
-    "3D plan, unet": ("unet3d", {}, {}),
-    "3D plan, dynunet": ("unet3d", {"architecture": "dynunet"}, {}),
-    "3D plan, dynunet, deep supervision": ("unet3d", {"architecture": "dynunet"}, {"deep_supervision": True}),
-    "2D defaults": ("unet2d", None, {}),
-    "3D plan, unet, compiled": ("unet3d", {}, {"compile": True}),
-    "3D plan, dynunet, compiled": ("unet3d", {"architecture": "dynunet"}, {"compile": True}),
+# name: (bundle, how it is planned: "off" (the fixed defaults), "auto" (the one command) or "file" (`prepare plan`'s
+# file), the plan's --set keys, training keys beyond RUN_KEYS)
+CONFIGS: dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]] = {
+    "3D defaults": ("unet3d", "off", {}, {}),
+    "3D bundle, one command": ("unet3d", "auto", {}, {}),
+    "3D plan, unet": ("unet3d", "file", {}, {}),
+    "3D plan, dynunet": ("unet3d", "file", {"architecture": "dynunet"}, {}),
+    "3D plan, dynunet, deep supervision": ("unet3d", "file", {"architecture": "dynunet"}, {"deep_supervision": True}),
+    "2D defaults": ("unet2d", "off", {}, {}),
+    "2D bundle, one command": ("unet2d", "auto", {}, {}),
+    "2D plan": ("unet2d", "file", {}, {}),
+    "3D plan, unet, compiled": ("unet3d", "file", {}, {"compile": True}),
+    "3D plan, dynunet, compiled": ("unet3d", "file", {"architecture": "dynunet"}, {"compile": True}),
 }
 # the bundle's 4 data-loading workers, or one a core where there are fewer cores; no per-iteration log
 WORKERS = min(4, os.cpu_count() or 1)
@@ -87,13 +93,13 @@ def prepare_data(out: Path) -> tuple[Path, Path]:
     return dataset, splits
 
 
-def plan_file(dataset: Path, overrides: Mapping[str, Any], out: Path) -> Path:
-    """``prepare plan`` with ``overrides``, kept as ``plans/<name>.yaml`` after the first configuration planned with
-    them (planned once: it measures steps)."""
-    name = next(name for name, (_, planned, _) in CONFIGS.items() if planned == overrides)
+def plan_file(dataset: Path, bundle: str, overrides: Mapping[str, Any], out: Path) -> Path:
+    """``prepare plan`` for ``bundle`` with ``overrides``, kept as ``plans/<name>.yaml`` after the first
+    configuration planned with them (planned once: it measures steps)."""
+    name = next(n for n, (b, how, keys, _) in CONFIGS.items() if (b, how, keys) == (bundle, "file", overrides))
     kept = out / "plans" / f"{slug(name)}.yaml"
     if not kept.is_file():
-        path, _ = make_plan(dataset, dim=3, device=DEVICE, overrides=dict(overrides))
+        path, _ = make_plan(dataset, dim=int(bundle[-2]), device=DEVICE, overrides=dict(overrides))
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(path, kept)
     return kept
@@ -185,9 +191,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     peak = conv_peak(3)
     print(f"conv peak {peak['gflop_per_s']:.1f} GFLOP/s", flush=True)
     for name in args.configs:
-        bundle, plan_overrides, training_keys = CONFIGS[name]
+        bundle, how, plan_overrides, training_keys = CONFIGS[name]
         configs = [REPO_ROOT / "bundles" / bundle / "configs" / "train.yaml"]
-        plan = {} if plan_overrides is None else {"plan_file": str(plan_file(dataset, plan_overrides, out))}
+        if how == "file":
+            plan = {"plan_file": str(plan_file(dataset, bundle, plan_overrides, out))}
+        else:
+            plan = {"plan": "off"} if how == "off" else {"plan_cache_dir": str(out / "plan_cache")}
         for m in args.minutes:
             if f"{m:g}" in results[name]:
                 continue  # finished in an earlier run of this benchmark

@@ -31,13 +31,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from throughput import machine
+from throughput import conv_peak, machine
 
 from custom_components.paths import REPO_ROOT
 
 # the evaluator's run time, and the trainer's epoch ends (the end-of-run evaluation comes after the last one)
 VALIDATION_LOG = re.compile(r"SupervisedEvaluator - INFO - Engine run finished\. Time taken: (\d+):(\d+):(\d+\.\d+)")
 EPOCH_END_LOG = re.compile(r"SupervisedTrainer - INFO - Epoch\[\d+\] Complete")
+PLANNING_LOG = re.compile(r"from a plan made in (\d+\.\d+) s")  # plan: auto, when it planned (not from its cache)
 
 
 def validation_s(log: str) -> float:
@@ -77,21 +78,31 @@ def make_train(source: Path, out: Path, name: str, extra: str = "", threads: int
         subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, env=env, check=True)
     wall = time.perf_counter() - start
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {**metrics, "make_train_s": round(wall, 1), "validation_s": validation_s(log.read_text()), "log": str(log)}
+    text = log.read_text()
+    planning = PLANNING_LOG.search(text)
+    return {
+        **metrics,
+        "make_train_s": round(wall, 1),
+        "validation_s": validation_s(text),
+        "planning_s": float(planning.group(1)) if planning else None,
+        "log": str(log),
+    }
 
 
 def table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown: one row per commit, the time ratio against the first row."""
     first = next(iter(results.values()))["make_train_s"]
-    head = "| make train | wall time (s) | ratio | training (s) | epochs | s / iteration | overhead | of it validation "
-    head += "| mean Dice | per class |"
-    lines = [head, "|---" * 10 + "|"]
+    head = "| make train | wall time (s) | ratio | planning (s) | training (s) | epochs | iterations | s / iteration "
+    head += "| overhead | of it validation | mean Dice | per class |"
+    lines = [head, "|---" * 12 + "|"]
     for name, m in results.items():
         per_class = ", ".join(f"{c} {d:.3f}" for c, d in m["best_dice_per_class"].items())
         overhead = "–" if m.get("overhead_share") is None else f"{m['overhead_share']:.1%}"
+        planning = "–" if m.get("planning_s") is None else f"{m['planning_s']:.1f}"
         lines.append(
-            f"| {name} | {m['make_train_s']:.0f} | {m['make_train_s'] / first:.2f} | {m['training_time_s']:.0f} | "
-            f"{m['epochs']} | {m['seconds_per_iteration']:.3f} | {overhead} | "
+            f"| {name} | {m['make_train_s']:.0f} | {m['make_train_s'] / first:.2f} | {planning} | "
+            f"{m['training_time_s']:.0f} | {m['epochs']} | {m.get('iterations', '–')} | "
+            f"{m['seconds_per_iteration']:.3f} | {overhead} | "
             f"{m['validation_s'] / m['training_time_s']:.1%} | {m['best_mean_dice']:.3f} | {per_class} |"
         )
     return "\n".join(lines)
@@ -105,16 +116,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    peak = conv_peak(3)  # the machine's speed in this run: readers scale the seconds to theirs
     baseline = checkout(args.baseline, out / "baseline_source")
     results = {
         f"at {args.baseline}": make_train(baseline, out, "baseline"),
         "now": make_train(REPO_ROOT, out, "now"),
     }
+    results["now"]["conv_peak"] = peak
     info = machine()
     report = "\n\n".join(
         [
             table(results),
-            f"Machine: {info['cpu']}, {info['cpu_count']} CPU cores; torch {info['torch']}, MONAI {info['monai']}, "
+            f"Machine: {info['cpu']}, {info['cpu_count']} CPU cores, conv peak {peak['gflop_per_s']:.1f} GFLOP/s "
+            f"(throughput.conv_peak, before the runs); torch {info['torch']}, MONAI {info['monai']}, "
             f"Python {info['python']}; {info['date']}. The two runs one after the other; overhead: the training time "
             "outside the trainer's iterations (metrics.json overhead_share); of it validation: the validations' "
             "share of the training time (from the log).",

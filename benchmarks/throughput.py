@@ -46,7 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from custom_components.bundle import bundle_command
 from custom_components.paths import REPO_ROOT
-from custom_components.planning import bundle_parser, make_plan
+from custom_components.planning import make_plan
+from custom_components.step_measure import bundle_parser
 from custom_components.synthetic import write_dataset
 
 CASES, SHAPE = 8, (64, 64, 32)  # synthetic volumes at 0.8 x 0.8 x 2.5 mm: small enough for a 2-core CPU

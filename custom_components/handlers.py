@@ -347,6 +347,7 @@ class TrainingReport:
             "last_mean_dice": last.get(self.key_metric),
             "last_dice_per_class": self._dice_per_class(last),
             "epochs": self.history[-1]["epoch"] if self.history else 0,
+            "iterations": self.iterations,  # batches trained, in all epochs (iterations_per_epoch each when set)
             "stopped": self.stopped,  # null: it trained max_epochs (or is still training)
             "final_learning_rate": engine.optimizer.param_groups[0]["lr"] if hasattr(engine, "optimizer") else None,
             "wall_time_s": round(self.wall_time, 3),

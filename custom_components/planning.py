@@ -3,26 +3,16 @@
 Target spacing and intensity scheme follow nnU-Net's rules, and so do DynUNet's strides and kernels per axis
 (``architecture: dynunet``); class weights come from the voxel share of each class.
 Patch and batch size are chosen so that one training step (forward, loss, backward, optimiser step) of the
-bundle's own network fits a memory budget: each candidate is measured, never only estimated. A measurement runs
-in a fresh process forked from a server that imported torch once (peak RSS on CPU, where torch has no peak
-counter; ``max_memory_reserved`` on CUDA), so candidates do not see each other's memory and cost a fraction
-of a second each beyond the step itself.
+bundle's own network fits a memory budget (and, on CPU, a time budget): each candidate is measured, never only
+estimated (:mod:`custom_components.step_measure`). ``prepare plan`` writes a plan file; a training run with ``plan:
+auto`` fits one itself (:mod:`custom_components.auto_plan`).
 """
 
 from __future__ import annotations
 
-import atexit
-import importlib
-import json
 import math
-import os
-import resource
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +26,7 @@ from custom_components.fingerprint import compute_fingerprint
 from custom_components.networks import total_downsampling
 from custom_components.paths import REPO_ROOT
 from custom_components.run_files import atomic_write_bytes, atomic_write_json
+from custom_components.step_measure import GIB, MeasureError, StepMemory, bundle_parser, gib
 
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net: an axis is low-resolution when 3x coarser in spacing and 3x fewer voxels
 ANISOTROPIC_PERCENTILE = 10  # nnU-Net: target spacing of that axis, so thin-slice cases keep their resolution
@@ -44,20 +35,27 @@ MIN_BATCH = 2
 PATCH_SHRINK = 0.75  # each candidate cuts one axis of the previous one by a quarter
 PREDICTION_SLACK = 1.25  # candidates predicted above this multiple of the budget are not measured
 MACHINE_FRACTION = 0.8  # never run a candidate predicted above this share of the device's (free) memory
-GIB = 2**30
-PLANNED_KEYS = ("dataset_dir", "spacing", "intensity", "class_weights", "patch_size", "batch_size")
+PLANNED_KEYS = (
+    "dataset_dir", "spacing", "intensity", "class_weights", "patch_size", "batch_size", "iterations_per_epoch",
+)  # fmt: skip
+# An epoch of a small dataset lasts at least this many seconds of steps (at most nnU-Net's 250 iterations, and never
+# less than one pass over the training cases): validation and the work at each epoch's end then stay a small share
+# of the time, where a pass over a few cases would take a second
+EPOCH_STEP_S = 5.0
+MAX_ITERATIONS_PER_EPOCH = 250
+ITERATIONS_ROUNDING = 10
 DYNUNET_PLANNED_KEYS = ("strides", "kernel_sizes")  # the plan decides them too for architecture dynunet
 MIN_FEATURE_MAP = 4  # nnU-Net: an axis is pooled while at least twice this many voxels are left along it
 MAX_POOLS = 5  # at most this many poolings along an axis, six levels (nnU-Net caps them by MIN_FEATURE_MAP alone)
 COARSE_RATIO = 2.0  # nnU-Net: an axis this much coarser than the finest is neither pooled nor convolved across
+# On CPU, unless the user names a network: four levels of 16-128 feature maps (1.2 M parameters). A CPU step costs
+# time, not memory, and this network takes a third of the time of the bundle's 32-320 at the same patch, so a
+# time-limited step keeps a larger patch and a run trains more steps (benchmarks/RESULTS.md, 2026-12-05)
+CPU_NETWORK = {"channels": [16, 32, 64, 128], "strides": [2, 2, 2]}
 
 
 class PlanError(ValueError):
     """No plan can be made as asked; the message says why and what to change."""
-
-
-def _gib(size: float) -> str:
-    return f"{size / GIB:.2f} GiB"
 
 
 def bundle_config(dim: int) -> Path:
@@ -66,14 +64,6 @@ def bundle_config(dim: int) -> Path:
     if not path.is_file():
         raise PlanError(f"{path} does not exist: plan with --dim 3, or add the {dim}D bundle first")
     return path
-
-
-def bundle_parser(config_file: str | Path, overrides: dict[str, Any]) -> ConfigParser:
-    """The bundle's config with ``overrides`` set on top, as a plan's values are (``--plan_file``)."""
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser.update({"bundle_root": str(Path(config_file).resolve().parents[1]), **overrides})
-    return parser
 
 
 def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
@@ -221,154 +211,6 @@ def patch_candidates(
     return candidates
 
 
-def _step_memory(parser: ConfigParser, request: dict[str, Any]) -> dict[str, Any]:
-    """One training step of the bundle's network at the request's patch and batch size: ``{"bytes": n}`` (the
-    memory it took), ``{"bytes": None}`` when it ran out of memory, or ``{"error": text}``."""
-    import torch
-
-    try:
-        device = torch.device(request["device"])
-        parser.update({"patch_size": request["patch_size"], "batch_size": request["batch_size"]})
-        amp = device.type == "cuda" and bool(parser.get_parsed_content("amp"))
-        start = psutil.Process().memory_info().rss
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        network = parser.get_parsed_content("network")
-        loss_function = parser.get_parsed_content("train#loss_function")
-        optimizer = parser.get_parsed_content("train#optimizer")
-        batch = request["batch_size"] * parser.get_parsed_content("num_samples")
-        patch = request["patch_size"]
-        image = torch.randn(batch, parser.get_parsed_content("network_in_channels"), *patch, device=device)
-        label = torch.randint(0, request["overrides"]["num_classes"], (batch, 1, *patch), device=device)
-        for parameter in network.parameters():  # the optimiser's state exists from the second step on
-            parameter.grad = torch.zeros_like(parameter)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=amp):
-            loss = loss_function(network(image), label)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            return {"bytes": torch.cuda.max_memory_reserved(device)}
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return {"bytes": peak - start}
-    except (torch.cuda.OutOfMemoryError, MemoryError):
-        return {"bytes": None}
-    except RuntimeError as err:  # the CPU allocator's out-of-memory error is a plain RuntimeError
-        return {"bytes": None} if "can't allocate memory" in str(err) else {"error": f"{type(err).__name__}: {err}"}
-    except Exception as err:  # a config the bundle cannot build: reported to the user, not as a traceback
-        return {"error": f"{type(err).__name__}: {err}"}
-
-
-def serve() -> None:
-    """``python -m custom_components.planning``: answer each JSON request line on stdin with a JSON line.
-
-    Each step runs in a child forked from this process, which imported torch but never ran it (fork-safe): the
-    child starts without any other step's memory, and pays no import. The child prints to stderr only. The
-    bundle's config is read here, once per network, so that a child only builds and runs the network.
-    """
-    importlib.import_module("torch._dynamo")  # the optimiser step imports it: once here, not in every child
-    parsers: dict[str, ConfigParser] = {}
-    for line in sys.stdin:
-        request = json.loads(line)
-        key = json.dumps([request["config_file"], request["overrides"], request["device"]], sort_keys=True)
-        if key not in parsers:
-            try:
-                device = {"device": f"$torch.device('{request['device']}')"}
-                parsers[key] = bundle_parser(request["config_file"], {**request["overrides"], **device})
-                parsers[key].resolve_macro_and_relative_ids()  # reads the `%file#key` macros' files
-            except Exception as err:  # a config that cannot be read: the answer says why
-                print(json.dumps({"error": f"{type(err).__name__}: {err}"}), flush=True)
-                continue
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: measure, answer through the pipe, never return into the loop
-            try:
-                os.close(read)
-                os.dup2(2, 1)
-                os.write(write, json.dumps(_step_memory(parsers[key], request)).encode())
-            finally:
-                os._exit(0)
-        os.close(write)
-        with os.fdopen(read) as pipe:
-            answer = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        if not answer:  # killed: by the kernel for memory (SIGKILL), or crashed
-            signal = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-            answer = json.dumps({"bytes": None} if signal == 9 else {"error": f"the step died (status {status})"})
-        print(answer, flush=True)
-
-
-class _Server:
-    """The ``serve`` process: started on first use, shared by every measurement of this Python process (its
-    start, importing torch, is the slow part), stopped when the process exits."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
-        self.errors: Any = None
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Send one request, return its answer; a server that died is reported with its last error lines."""
-        if self.process is None or self.process.poll() is not None:
-            command = [sys.executable, "-m", "custom_components.planning"]
-            self.errors = tempfile.TemporaryFile()
-            self.process = subprocess.Popen(
-                command, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True
-            )
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            self.errors.seek(0)
-            errors = self.errors.read().decode(errors="replace").strip().splitlines()[-3:]
-            raise PlanError(f"the process measuring training steps ended: {' '.join(errors)}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        """Stop the process: it ends when its input does."""
-        if self.process is not None:
-            self.process.stdin.close()
-            self.process.wait()
-            self.process = None
-
-
-_SERVER = _Server()
-atexit.register(_SERVER.close)
-
-
-@dataclass
-class StepMemory:
-    """Memory (bytes) of one training step of the bundle's network for a patch and batch size, None when it runs
-    out of memory; each pair is measured once, in its own process (see ``serve``)."""
-
-    config_file: Path
-    overrides: dict[str, Any]
-    device: str = "cpu"
-    log: Callable[[str], None] = print
-    measured: dict[tuple[tuple[int, ...], int], int | None] = field(default_factory=dict)
-
-    def __call__(self, patch: tuple[int, ...], batch: int) -> int | None:
-        if (patch, batch) not in self.measured:
-            self.measured[patch, batch] = self._measure(patch, batch)
-        return self.measured[patch, batch]
-
-    def _measure(self, patch: tuple[int, ...], batch: int) -> int | None:
-        started = time.perf_counter()
-        request = {
-            "config_file": str(self.config_file),
-            "overrides": self.overrides,
-            "device": self.device,
-            "patch_size": list(patch),
-            "batch_size": batch,
-        }
-        answer = _SERVER.ask(request)
-        if "error" in answer:
-            raise PlanError(f"the network of {self.config_file} cannot run a training step ({answer['error']})")
-        size = "out of memory" if answer["bytes"] is None else _gib(answer["bytes"])
-        self.log(f"  patch {list(patch)} batch {batch}: {size} ({time.perf_counter() - started:.1f} s)")
-        return answer["bytes"]
-
-
 @dataclass(frozen=True)
 class StepChoice:
     """The patch and batch size chosen, and the measured memory of their training step."""
@@ -378,51 +220,74 @@ class StepChoice:
     step_bytes: int
 
 
+def _line(low: float, high: float | None, x_low: float, x_high: float) -> tuple[float, float]:
+    """Intercept and slope (never negative) of the line through two measurements of a step, per patch voxel."""
+    slope = 0.0 if high is None or x_high == x_low else max(0.0, (high - low) / (x_high - x_low))
+    return low - slope * x_low, slope
+
+
 def choose_patch_and_batch(
     candidates: Sequence[tuple[int, ...]],
     budget: float,
     measure: Callable[[tuple[int, ...], int], int | None],
     max_batch: int,
     machine_limit: float = math.inf,
+    *,
+    step_gflop: Callable[[tuple[int, ...], int], float] | None = None,
+    gflop_budget: float = math.inf,
+    batch_size: int | None = None,
+    fix: str = "raise --memory-gb",
 ) -> StepChoice:
-    """The largest patch (candidates run largest first) whose step fits ``budget`` at batch 2, then the largest
-    batch up to ``max_batch`` that still fits; both measured.
+    """The largest patch (candidates run largest first) whose step fits ``budget`` bytes (and ``gflop_budget``
+    GFLOP, counted by ``step_gflop``) at batch 2, then the largest batch up to ``max_batch`` that still fits; all
+    measured. A ``batch_size`` given is kept: the patch is chosen at it, and no batch is searched.
 
     A line through two measured steps (the smallest candidate and one near the geometric middle, neither
-    depending on the budget) predicts each candidate's memory, so that only candidates predicted within 25% of
-    the budget, and within ``machine_limit``, are measured: a larger budget never gives a smaller patch.
+    depending on the budget) predicts each candidate's memory and FLOPs, so that only candidates predicted within
+    25% of the budgets, and within ``machine_limit``, are measured: a larger budget never gives a smaller patch.
     """
+    first_batch = MIN_BATCH if batch_size is None else batch_size
     smallest = candidates[-1]
-    low = measure(smallest, MIN_BATCH)
+    low = measure(smallest, first_batch)
     if low is None or low > budget:
-        needed = "more memory than the machine has" if low is None else _gib(low)
+        needed = "more memory than the machine has" if low is None else gib(low)
         raise PlanError(
-            f"the smallest patch {list(smallest)} at batch {MIN_BATCH} needs {needed}, over the {_gib(budget)} "
-            "budget: raise --memory-gb, or make the network smaller (e.g. --set channels=[16,32,64,128])"
+            f"the smallest patch {list(smallest)} at batch {first_batch} needs {needed}, over the {gib(budget)} "
+            f"budget: {fix}, or make the network smaller (e.g. channels [16,32,64,128])"
+        )
+    counted = step_gflop is not None and math.isfinite(gflop_budget)
+    low_f = step_gflop(smallest, first_batch) if counted else 0.0
+    if low_f > gflop_budget:
+        raise PlanError(
+            f"the smallest patch {list(smallest)} at batch {first_batch} takes {low_f:.1f} GFLOP a step, over the "
+            f"{gflop_budget:g} GFLOP budget: {fix}, or make the network smaller (e.g. channels [16,32,64,128])"
         )
     voxels = {patch: float(np.prod(patch)) for patch in candidates}
     middle = math.sqrt(voxels[smallest] * voxels[candidates[0]])
     # an upper bound (memory grows at most in proportion to the patch) keeps the second measurement safe
     safe = [p for p in candidates if low * voxels[p] / voxels[smallest] <= machine_limit] or [smallest]
     reference = min(safe, key=lambda patch: abs(math.log(voxels[patch] / middle)))
-    high = measure(reference, MIN_BATCH) if reference != smallest else None
-    slope = 0.0 if high is None else max(0.0, (high - low) / (voxels[reference] - voxels[smallest]))
-    fixed = low - slope * voxels[smallest]
-
-    def predicted(patch: tuple[int, ...], batch: int) -> float:
-        return fixed + slope * voxels[patch] * batch / MIN_BATCH
+    high = measure(reference, first_batch) if reference != smallest else None
+    fixed, slope = _line(low, high, voxels[smallest], voxels[reference])
+    high_f = step_gflop(reference, first_batch) if counted and high is not None else None
+    fixed_f, slope_f = _line(low_f, high_f, voxels[smallest], voxels[reference])
 
     def fits(patch: tuple[int, ...], batch: int) -> bool:
-        if predicted(patch, batch) > min(PREDICTION_SLACK * budget, machine_limit):
+        scale = voxels[patch] * batch / first_batch
+        if fixed + slope * scale > min(PREDICTION_SLACK * budget, machine_limit):
+            return False
+        if fixed_f + slope_f * scale > PREDICTION_SLACK * gflop_budget:
             return False
         size = measure(patch, batch)
-        return size is not None and size <= budget
+        if size is None or size > budget:
+            return False
+        return not counted or step_gflop(patch, batch) <= gflop_budget
 
-    patch = next((p for p in candidates if fits(p, MIN_BATCH)), smallest)  # the smallest fits: measured above
-    fitting, failing = MIN_BATCH, max_batch + 1
-    per_volume = slope * voxels[patch] / MIN_BATCH
-    guess = MIN_BATCH + int((budget - measure(patch, MIN_BATCH)) // per_volume) if per_volume > 0 else max_batch
-    batch = min(max(guess, MIN_BATCH + 1), max_batch)
+    patch = next((p for p in candidates if fits(p, first_batch)), smallest)  # the smallest fits: measured above
+    fitting, failing = first_batch, (first_batch + 1 if batch_size is not None else max_batch + 1)
+    per_volume = slope * voxels[patch] / first_batch
+    guess = first_batch + int((budget - measure(patch, first_batch)) // per_volume) if per_volume > 0 else max_batch
+    batch = min(max(guess, first_batch + 1), max_batch)
     while fitting + 1 < failing:
         if fits(patch, batch):
             fitting = batch
@@ -434,13 +299,27 @@ def choose_patch_and_batch(
     return StepChoice(patch, fitting, step_bytes)
 
 
-def _machine_limit(device: str) -> float:
-    """Memory a measurement may use without endangering the machine: a share of free RAM or of the GPU."""
+def epoch_length(step_s: float, train_cases: int, batch_size: int) -> int:
+    """Iterations per epoch: ``EPOCH_STEP_S`` seconds of steps of ``step_s``, rounded, at most
+    ``MAX_ITERATIONS_PER_EPOCH``, and at least one pass over ``train_cases`` in batches of ``batch_size``."""
+    one_pass = math.ceil(train_cases / batch_size)
+    timed = round(EPOCH_STEP_S / max(step_s, 1e-6) / ITERATIONS_ROUNDING) * ITERATIONS_ROUNDING
+    return max(one_pass, min(MAX_ITERATIONS_PER_EPOCH, timed))
+
+
+def machine_memory(device: str) -> float:
+    """The memory a device offers a training step: the GPU's total, or the RAM free now on CPU."""
     if device.startswith("cuda"):
         import torch
 
-        return MACHINE_FRACTION * torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return MACHINE_FRACTION * psutil.virtual_memory().available
+        return float(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    return float(psutil.virtual_memory().available)
+
+
+def cpu_network(device: str, named: Mapping[str, Any]) -> bool:
+    """Whether the plan trains ``CPU_NETWORK``: on CPU, for a ``unet`` whose channels and strides nobody named."""
+    unnamed = not {"channels", "strides"} & set(named)
+    return not device.startswith("cuda") and unnamed and named.get("architecture", "unet") == "unet"
 
 
 def planned_keys(config_file: str | Path, overrides: Mapping[str, Any]) -> tuple[str, ...]:
@@ -450,6 +329,126 @@ def planned_keys(config_file: str | Path, overrides: Mapping[str, Any]) -> tuple
     return PLANNED_KEYS + (DYNUNET_PLANNED_KEYS if architecture == "dynunet" else ())
 
 
+@dataclass
+class FittedPlan:
+    """A plan fitted to a dataset and a device: the values of the keys it decided, the fingerprint they rest on,
+    the step chosen and every step measured (memory, FLOPs, seconds)."""
+
+    values: dict[str, Any]
+    fingerprint: dict[str, Any]
+    choice: StepChoice
+    measure: StepMemory
+    budget: str  # the budget the step was fitted to, in words
+
+    def steps_text(self) -> str:
+        """Every step measured, one a line: patch, batch, memory, FLOPs and seconds."""
+        lines = []
+        for (patch, batch), size in sorted(self.measure.measured.items(), key=lambda i: (-np.prod(i[0][0]), i[0][1])):
+            key = patch, batch
+            cost = f"{gib(size)}, {self.measure.flops[key] / 1e9:.1f} GFLOP, {self.measure.seconds[key]:.2f} s"
+            cost = "out of memory" if size is None else cost
+            lines.append(f"patch {list(patch)} batch {batch}: {cost}")
+        return "\n".join(lines)
+
+
+def fit_plan(
+    dataset_dir: str | Path,
+    config_file: str | Path,
+    dim: int,
+    device: str,
+    memory: float,
+    *,
+    gflop: float = math.inf,
+    user: Mapping[str, Any] | None = None,
+    fixed: Mapping[str, Any] | None = None,
+    fix: str = "raise --memory-gb",
+    log: Callable[[str], None] = print,
+) -> FittedPlan:
+    """Check the dataset at ``dataset_dir``, fingerprint it and fit the planned keys to it and to ``device``: a
+    training step of ``config_file``'s network within ``memory`` bytes (and ``gflop`` GFLOP). Nothing is written.
+
+    ``user`` are bundle keys (e.g. a smaller ``channels``) applied when measuring, so the patch and batch size hold
+    for the network they name. ``fixed`` are planned keys already decided (a user's ``patch_size``): kept, and the
+    rest fitted around them. For ``architecture`` dynunet the plan also decides the network's strides, kernel sizes
+    and channels (``dynunet_plan``). The patch never exceeds the largest case by a divisor of the network or more
+    along any axis. ``fix`` tells how to raise the budget when even the smallest step does not fit.
+    """
+    root = Path(dataset_dir).resolve()
+    user, fixed = dict(user or {}), dict(fixed or {})
+    description = load_dataset_json(root)
+    image_dims = first_image_dims(description, root)
+    if dim == 3 and image_dims == 2:
+        raise PlanError(f"{root} holds 2D images: plan for the 2D bundle (bundles/unet2d)")
+    num_classes = len(description["labels"])
+    datalist = check_datalist(description, root, num_classes, image_dims)
+    log(f"fingerprinting {len(datalist)} cases")
+    fingerprint = {"dataset_dir": str(root), **compute_fingerprint(description, datalist, image_dims)}
+
+    weights = class_weights([fingerprint["classes"][str(c)]["fraction"] for c in range(num_classes)])
+    planned: dict[str, Any] = {"class_weights": weights, "intensity": intensity_plan(fingerprint)}
+    if cpu_network(device, {**user, **fixed}):
+        planned.update(CPU_NETWORK)
+    known = {"num_classes": num_classes, "in_channels": len(description["modality"])}
+    parser = bundle_parser(config_file, {**user, **known, **planned, **fixed})
+    architecture, num_samples = parser.get_parsed_content("architecture"), parser.get_parsed_content("num_samples")
+    num_folds = parser.get_parsed_content("num_folds")
+    slice_axis = parser.get_parsed_content("slice_axis") if dim == 2 and image_dims == 3 else None
+
+    shapes = np.asarray([case["shape"] for case in fingerprint["cases"]], dtype=float)
+    spacings = np.asarray([case["spacing"] for case in fingerprint["cases"]], dtype=float)
+    if "spacing" in fixed:
+        target = np.asarray(fixed["spacing"], dtype=float)
+    else:
+        target = target_spacing(spacings, shapes)
+        if slice_axis is not None:
+            target[slice_axis] = -1.0  # the 2D bundle keeps the native spacing across the slices
+    planned["spacing"] = [round(float(s), 4) for s in target]
+    resampled = shapes * spacings / np.where(target > 0, target, spacings)
+    axes = [axis for axis in range(image_dims) if axis != slice_axis]
+    median, largest = np.median(resampled, axis=0)[axes], resampled.max(axis=0)[axes]
+    if architecture == "dynunet" and not set(DYNUNET_PLANNED_KEYS) & set(fixed):
+        channels = parser.get_parsed_content("channels")  # its topology from spacing and median size
+        planned.update(architecture=architecture, **dynunet_plan(target[axes], median, channels))
+    strides = planned.get("strides", parser.get_parsed_content("strides"))
+    if "patch_size" in fixed:
+        candidates = [tuple(int(n) for n in fixed["patch_size"])]
+    else:
+        candidates = patch_candidates(median, divisibility(strides, dim), largest)
+    train_cases = len(datalist) - len(datalist) // max(num_folds, 1)
+    voxels_per_step = float(np.prod(candidates[0])) * num_samples
+    max_batch = max(
+        MIN_BATCH, min(train_cases, int(BATCH_DATASET_FRACTION * resampled.prod(axis=1).sum() / voxels_per_step))
+    )
+
+    machine_limit = MACHINE_FRACTION * machine_memory(device)
+    words = gib(memory) + (f" and {gflop:g} GFLOP" if math.isfinite(gflop) else "")
+    log(f"measuring training steps on {device} against {words} a step (network of {config_file})")
+    if memory > machine_limit:
+        share = f"{MACHINE_FRACTION:.0%} of the device's memory"
+        log(f"  the budget is over {share}: steps predicted over {gib(machine_limit)} are not run")
+    measure = StepMemory(Path(config_file), {**user, **known, **planned, **fixed}, device, log)
+    try:
+        choice = choose_patch_and_batch(
+            candidates,
+            memory,
+            measure,
+            max_batch,
+            machine_limit,
+            step_gflop=measure.step_gflop,
+            gflop_budget=gflop,
+            batch_size=fixed.get("batch_size"),
+            fix=fix,
+        )
+    except MeasureError as err:
+        raise PlanError(str(err)) from err
+    planned.update(patch_size=list(choice.patch_size), batch_size=choice.batch_size)
+    if "iterations_per_epoch" not in fixed:
+        step_s = measure.step_seconds(choice.patch_size, choice.batch_size)
+        planned["iterations_per_epoch"] = epoch_length(step_s, train_cases, choice.batch_size)
+    values = {key: value for key, value in planned.items() if key not in fixed}
+    return FittedPlan(values, fingerprint, choice, measure, words)
+
+
 def make_plan(
     dataset_dir: str | Path,
     memory_gb: float = 8.0,
@@ -457,108 +456,42 @@ def make_plan(
     device: str = "cpu",
     overrides: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    gflop: float | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Check the dataset, write ``fingerprint.json`` and ``plan_{dim}d.yaml`` into it; return the plan's path and keys.
-
-    ``overrides`` are bundle keys (e.g. a smaller ``channels``) applied when measuring and written into the plan,
-    so the plan's patch and batch size hold for the network it names. For ``architecture`` dynunet (the bundle's,
-    or ``overrides``') the plan also writes the network's strides, kernel sizes and channels (``dynunet_plan``).
-    The patch never exceeds the largest case by a divisor of the network or more along any axis.
-    """
+    """``prepare plan``: fit a plan (:func:`fit_plan`) to the bundle ``bundles/unet{dim}d`` and a step of
+    ``memory_gb`` (on CPU also of ``gflop``, by default the bundle's ``plan_cpu_step_gflop``: the plan a training
+    run would make), write ``fingerprint.json`` and ``plan_{dim}d.yaml`` into the dataset; return the plan's path
+    and keys. ``overrides`` are measured with and written into the plan (the plan decides every planned key)."""
     root = Path(dataset_dir).resolve()
-    description = load_dataset_json(root)
-    image_dims = first_image_dims(description, root)
-    if dim == 3 and image_dims == 2:
-        raise PlanError(f"{root} holds 2D images: plan for the 2D bundle with --dim 2")
-    num_classes = len(description["labels"])
-    datalist = check_datalist(description, root, num_classes, image_dims)
-    log(f"fingerprinting {len(datalist)} cases")
-    fingerprint = {"dataset_dir": str(root), **compute_fingerprint(description, datalist, image_dims)}
-    atomic_write_json(fingerprint, root / "fingerprint.json")
-
     config_file = bundle_config(dim)
     user = dict(overrides or {})
     planned = sorted(set(user) & set(planned_keys(config_file, user)))
     if planned:
         raise PlanError(f"--set {', '.join(planned)}: the plan decides these; change them in the plan file instead")
-    weights = class_weights([fingerprint["classes"][str(c)]["fraction"] for c in range(num_classes)])
-    fixed = {"num_classes": num_classes, "in_channels": len(description["modality"]), "class_weights": weights}
-    parser = bundle_parser(config_file, {**user, **fixed})
-    architecture, num_samples = parser.get_parsed_content("architecture"), parser.get_parsed_content("num_samples")
-    num_folds = parser.get_parsed_content("num_folds")
-    slice_axis = parser.get_parsed_content("slice_axis") if dim == 2 and image_dims == 3 else None
-
-    shapes = np.asarray([case["shape"] for case in fingerprint["cases"]], dtype=float)
-    spacings = np.asarray([case["spacing"] for case in fingerprint["cases"]], dtype=float)
-    target = target_spacing(spacings, shapes)
-    if slice_axis is not None:
-        target[slice_axis] = -1.0  # the 2D bundle keeps the native spacing across the slices
-    resampled = shapes * spacings / np.where(target > 0, target, spacings)
-    axes = [axis for axis in range(image_dims) if axis != slice_axis]
-    median, largest = np.median(resampled, axis=0)[axes], resampled.max(axis=0)[axes]
-    network: dict[str, Any] = {}  # the keys the plan decides for dynunet: its topology from spacing and median size
-    if architecture == "dynunet":
-        channels = parser.get_parsed_content("channels")
-        network = {"architecture": architecture, **dynunet_plan(target[axes], median, channels)}
-    strides = network.get("strides", parser.get_parsed_content("strides"))
-    candidates = patch_candidates(median, divisibility(strides, dim), largest)
-    train_cases = len(datalist) - len(datalist) // max(num_folds, 1)
-    voxels_per_step = float(np.prod(candidates[0])) * num_samples
-    max_batch = max(
-        MIN_BATCH, min(train_cases, int(BATCH_DATASET_FRACTION * resampled.prod(axis=1).sum() / voxels_per_step))
-    )
-
-    budget, machine_limit = memory_gb * GIB, _machine_limit(device)
-    network_of = config_file.relative_to(REPO_ROOT)
-    log(f"measuring training steps on {device} against {_gib(budget)} (network of {network_of})")
-    if budget > machine_limit:
-        log(
-            f"  the budget is over {MACHINE_FRACTION:.0%} of the free memory: "
-            f"steps predicted over {_gib(machine_limit)} are not run"
-        )
-    measure = StepMemory(config_file, {**user, **network, **fixed}, device, log)
-    choice = choose_patch_and_batch(candidates, budget, measure, max_batch, machine_limit)
-
-    plan = {
-        "dataset_dir": str(root),
-        "spacing": [round(float(s), 4) for s in target],
-        "intensity": intensity_plan(fingerprint),
-        "class_weights": weights,
-        "patch_size": list(choice.patch_size),
-        "batch_size": choice.batch_size,
-        **user,
-        **network,
-    }
+    if gflop is None and not device.startswith("cuda"):
+        gflop = float(ConfigParser.load_config_file(str(config_file))["plan_cpu_step_gflop"])
+    budget = math.inf if gflop is None or device.startswith("cuda") else gflop
+    fitted = fit_plan(root, config_file, dim, device, memory_gb * GIB, gflop=budget, user=user, log=log)
+    atomic_write_json(fitted.fingerprint, root / "fingerprint.json")
+    network = {key: value for key, value in fitted.values.items() if key not in PLANNED_KEYS}
+    plan = {"dataset_dir": str(root), **{k: fitted.values[k] for k in PLANNED_KEYS if k in fitted.values}, **user}
+    plan.update(network)
     path = root / f"plan_{dim}d.yaml"
-    atomic_write_bytes(path, _plan_text(plan, path, dim, device, budget, choice, measure.measured).encode())
+    atomic_write_bytes(path, _plan_text(plan, path, dim, device, fitted).encode())
     log(f"wrote {root / 'fingerprint.json'} and {path}")
     return path, plan
 
 
-def _plan_text(
-    plan: dict[str, Any],
-    path: Path,
-    dim: int,
-    device: str,
-    budget: float,
-    choice: StepChoice,
-    measured: dict[tuple[tuple[int, ...], int], int | None],
-) -> str:
+def _plan_text(plan: dict[str, Any], path: Path, dim: int, device: str, fitted: FittedPlan) -> str:
     """The plan as YAML, headed by how to use it and the measurements it rests on."""
-    steps = "\n".join(
-        f"#   patch {list(patch)} batch {batch}: {'out of memory' if size is None else _gib(size)}"
-        for (patch, batch), size in sorted(measured.items(), key=lambda item: (-np.prod(item[0][0]), item[0][1]))
-    )
+    choice = fitted.choice
+    steps = "\n".join(f"#   {line}" for line in fitted.steps_text().splitlines())
     header = (
         f"# Training plan written by `python -m custom_components.prepare plan` (see docs/prepare.md), read as data:\n"
         f"# its values replace the bundle's defaults, keys set on the command line win:\n"
         f"#   python -m monai.bundle run training --config_file bundles/unet{dim}d/configs/train.yaml "
         f"--plan_file {path}\n"
         f"# A training step at patch {list(choice.patch_size)} and batch {choice.batch_size} took "
-        f"{_gib(choice.step_bytes)} of the {_gib(budget)} budget on {device}. Steps measured:\n{steps}\n"
+        f"{gib(choice.step_bytes)} of the {fitted.budget} budget on {device}. Steps measured:\n{steps}\n"
     )
     return header + yaml.safe_dump(plan, sort_keys=False, default_flow_style=None)
-
-
-if __name__ == "__main__":
-    serve()

@@ -278,6 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan_args = commands.add_parser("plan", help="write fingerprint.json and plan_<dim>d.yaml")
     plan_args.add_argument("dataset_dir", type=Path)
     plan_args.add_argument("--memory-gb", type=float, default=8.0, help="memory a training step may take (GiB)")
+    plan_args.add_argument(
+        "--cpu-step-gflop",
+        type=float,
+        help="on CPU, the largest training step in GFLOP (default: the bundle's plan_cpu_step_gflop)",
+    )
     plan_args.add_argument("--dim", type=int, choices=(2, 3), default=3, help="bundle: 3 (unet3d) or 2 (unet2d)")
     plan_args.add_argument("--device", help="where steps are measured (default: cuda if available, else cpu)")
     plan_args.add_argument(
@@ -302,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problems:
             raise PlanError(settings.report(problems, bundle, "train", "--set"))
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        make_plan(args.dataset_dir, args.memory_gb, args.dim, device, dict(args.set))
+        make_plan(args.dataset_dir, args.memory_gb, args.dim, device, dict(args.set), gflop=args.cpu_step_gflop)
         return 0
     except (DatasetError, ImageReadError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)

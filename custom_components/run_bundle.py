@@ -81,6 +81,7 @@ class RunBundle:
         settings: Mapping[str, Any],
         training_settings: Mapping[str, Any] = {},  # noqa: B006 (read only)
         paths: Sequence[str] = (),
+        planned: Mapping[str, Any] = {},  # noqa: B006 (read only)
         enabled: bool = True,
     ) -> None:
         self.source = Path(bundle_root)
@@ -91,6 +92,7 @@ class RunBundle:
         self.network_in_channels = int(network_in_channels)
         self.values = run_values(settings, paths)
         self.training_values = {key: plain(value) for key, value in training_settings.items()}
+        self.planned = {key: plain(value) for key, value in planned.items()}
         self.enabled = enabled
         self._written_best: Any = object()
 
@@ -117,7 +119,8 @@ class RunBundle:
                 continue
             values = dict(self.values)
             if name in TRAINING_CONFIGS:
-                values.update(self.training_values, output_dir=RUN_OUTPUT_DIR)
+                # every key of a run is decided: training again from its folder plans nothing
+                values.update(self.training_values, output_dir=RUN_OUTPUT_DIR, plan="off")
             atomic_write_bytes(configs / f"{name}.yaml", freeze(source.read_text(), values).encode())
         for name in COPIED:
             source = self.source / name
@@ -178,6 +181,8 @@ class RunBundle:
         meta["label_classes"] = ", ".join(f"{index}: {label}" for index, label in enumerate(labels))
         meta["eval_metrics"] = self._dice()
         meta["intended_use"] = intended_use(values["class_names"])
+        if self.planned:
+            meta["planned_settings"] = self.planned  # what `plan: auto` chose for the dataset and device
         return meta
 
     def readme(self) -> str:
@@ -210,7 +215,14 @@ class RunBundle:
             else "on another labelled MSD dataset (every labelled case): it trained on every case of its own"
         )
         dataset_arg = "[--dataset_dir DIR]" if validated else "--dataset_dir DIR"
-        settings = "\n".join(f"| `{key}` | `{flow(value)}` |" for key, value in values.items())
+        chosen = {key: "plan auto" if key in self.planned else "" for key in values}
+        settings = "\n".join(f"| `{key}` | `{flow(value)}` | {chosen[key]} |" for key, value in values.items())
+        planned = (
+            f"`plan: auto` chose {', '.join(f'`{key}`' for key in self.planned)} for this dataset and device (marked "
+            "below); every other key is the bundle's default or was set for the run."
+            if self.planned
+            else "No key was planned here: each is the bundle's default or was set for the run."
+        )
         modality = ", ".join(str(name) for name in values["modality"].values())
         return f"""# {int(values["spatial_dims"])}D U-Net model: {run.name}
 
@@ -242,8 +254,10 @@ python -m monai.bundle run training --config_file {run}/configs/train.yaml
 ```
 
 ## Settings
-| key | value |
-|---|---|
+{planned}
+
+| key | value | chosen by |
+|---|---|---|
 {settings}
 """
 
@@ -348,8 +362,13 @@ def truthy(value: Any) -> bool:
     return value is True or (isinstance(value, int | str) and str(value).strip().lower() in ("1", "true"))
 
 
-def _differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    return [(key, stored.get(key, _ABSENT), value) for key, value in now.items() if stored.get(key, _ABSENT) != value]
+def _differences(
+    stored: Mapping[str, Any], now: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """The keys whose value now differs from the stored one; a key the stored run lacks (added to the bundle since)
+    counts as the bundle's default, which is what the run trained with."""
+    was = {key: stored[key] if key in stored else defaults.get(key, _ABSENT) for key in now}
+    return [(key, was[key], value) for key, value in now.items() if was[key] != value]
 
 
 def _verdict(differences: list[tuple[str, Any, Any]], extend: bool, run: Path, stored_file: Path) -> str | None:
@@ -425,7 +444,9 @@ def resume_problem(
     if not target.endswith("RunBundle"):
         raise RuntimeError(f"{run_bundle_id} of the config is {target or 'not a component'}, not the RunBundle")
     extend = truthy(extend_training)
-    keys = set(user_keys((Path(bundle_root) / "configs" / "train.yaml").read_text())) - set(RESULT_NEUTRAL)
+    own_text = (Path(bundle_root) / "configs" / "train.yaml").read_text()
+    keys = set(user_keys(own_text)) - set(RESULT_NEUTRAL)
+    own = yaml.safe_load(own_text)
     paths = parser.get(f"{run_bundle_id}#paths", [])
     ids = {}  # key -> config id of the value the run bundle writes for it (training values last, as it writes them)
     for group in ("settings", "training_settings"):
@@ -442,10 +463,11 @@ def resume_problem(
         return {key: _as_written(value) for key, value in values.items()}
 
     literal = [key for key in ids if _literal(source(ids[key]))]
-    first = _verdict(_differences(stored, now(literal)), extend, run, stored_file)  # before anything is read
+    defaults = {key: value for key, value in own.items() if _literal(value)}
+    first = _verdict(_differences(stored, now(literal), defaults), extend, run, stored_file)  # before anything is read
     if first:
         return first
-    return _verdict(_differences(stored, now(list(ids))), extend, run, stored_file)
+    return _verdict(_differences(stored, now(list(ids)), defaults), extend, run, stored_file)
 
 
 def check_resume(

@@ -40,6 +40,7 @@ SMALL_3D = {
     "progress_bar": "False",
     "log_every_iteration": "False",
     "report": "False",  # the end-of-training evaluation and report.html: on in the shared `run3d` only
+    "plan": "off",  # the bundle's fixed defaults and the keys above: tests/test_auto_plan.py tests `plan: auto`
 }
 # The 2D bundle on the same volumes: 32x32 slices, in-plane spacing as the data, the slice spacing kept.
 SMALL_2D = {**SMALL_3D, "patch_size": "[32,32]", "spacing": "[0.8,0.8,-1]"}
@@ -47,7 +48,14 @@ SMALL_2D = {**SMALL_3D, "patch_size": "[32,32]", "spacing": "[0.8,0.8,-1]"}
 
 # The slowest files first: `make test` runs them with `--dist loadfile --no-loadscope-reorder`, each worker taking the
 # next file in this order when it is free, so the long ones start at once instead of running alone at the end.
-SLOW_FILES = ("test_select.py", "test_select_slabs.py", "test_kfold.py", "test_sweep.py", "test_time_budget.py")
+SLOW_FILES = (
+    "test_select.py",
+    "test_select_slabs.py",
+    "test_kfold.py",
+    "test_sweep.py",
+    "test_time_budget.py",
+    "test_auto_plan.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -27,7 +27,7 @@ from custom_components.data import (
     split_datalist,
 )
 from custom_components.handlers import ResumableCheckpoint, epoch_seed
-from custom_components.planning import bundle_parser
+from custom_components.step_measure import bundle_parser
 from custom_components.synthetic import write_dataset
 from tests.conftest import REPO, SMALL_3D, run_bundle
 

@@ -40,6 +40,21 @@ def test_two_processes_train_one_model(dataset3d: Path, tmp_path: Path) -> None:
     assert len(dice_lines) == 2 and dice_lines[0].split("--")[1] == dice_lines[1].split("--")[1]
 
 
+def test_every_process_trains_iterations_per_epoch_batches(dataset3d: Path, tmp_path: Path) -> None:
+    # each process draws its own share of every epoch (custom_components.data.EpochSeededSampler with its rank): as
+    # many batches in each, or the gradients' all-reduce would wait for the process that stopped early
+    out = tmp_path / "run"
+    configs = ["bundles/unet3d/configs/train.yaml", "bundles/unet3d/configs/multi_gpu_train.yaml"]
+    overrides = {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": out, "max_epochs": 2, "val_interval": 2}
+    bundle = bundle_args(configs, {**overrides, "iterations_per_epoch": 2})
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *bundle[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(args, cwd=USER_CWD.name, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = read_metrics(out)
+    assert (metrics["epochs"], metrics["iterations"]) == (2, 4)  # rank 0's: 2 epochs of 2 batches
+
+
 def test_gradient_accumulation_reaches_the_trainer(dataset3d: Path, tmp_path: Path) -> None:
     parser = ConfigParser()
     parser.read_config(str(TRAIN_3D))

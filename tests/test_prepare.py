@@ -15,7 +15,6 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from custom_components import planning, settings
 from custom_components.data import DatasetError, check_datalist, load_dataset_json
 from custom_components.planning import (
-    StepMemory,
     choose_patch_and_batch,
     divisibility,
     dynunet_plan,
@@ -25,6 +24,7 @@ from custom_components.planning import (
     target_spacing,
 )
 from custom_components.prepare import main
+from custom_components.step_measure import StepMemory
 from custom_components.synthetic import write_dataset
 from custom_components.transforms import intensity_transform
 from tests.conftest import REPO, run_bundle

@@ -145,8 +145,13 @@ def test_resume_is_faithful_or_refused(
     assert "learning_rate: 0.003 -> 0.01" in _problem(run, dataset3d, extend=True, max_epochs=6, learning_rate=0.01)
     assert "lets max_epochs grow only" in _problem(run, dataset3d, extend=True, max_epochs=1)
 
-    # what training derives from dataset.json is compared once resolved (still before any case is read)
+    # a key the bundle gained after the run was stored counts as its default, which the run trained with
     stored = (run / "configs/train.yaml").read_text()
+    (run / "configs/train.yaml").write_text(stored.replace("\niterations_per_epoch: null", "\n"))
+    assert _problem(run, dataset3d) is None
+    assert "iterations_per_epoch: null -> 4" in _problem(run, dataset3d, iterations_per_epoch=4)
+
+    # what training derives from dataset.json is compared once resolved (still before any case is read)
     (run / "configs/train.yaml").write_text(stored.replace("\nnum_classes: 3", "\nnum_classes: 4"))
     assert "num_classes: 4 -> 3" in _problem(run, dataset3d)
 

@@ -37,11 +37,12 @@ def _nothing_written(output_dir: Path) -> None:
 def test_bad_settings_stop_the_run_before_any_data_with_every_key_named(dataset3d: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     bad = {"patch_size": "[0,0,0]", "spacing": "[1,1]", "norm": "foo", "learning_rate": "-1", "skip_connections": "no"}
+    bad |= {"iterations_per_epoch": "2.5"}
     result = run_bundle(TRAIN_3D, {**SMALL_3D, "dataset_dir": dataset3d, "output_dir": out, **bad}, check=False)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    message = result.stderr[result.stderr.index("error: 5 settings") :]
-    lines = message.splitlines()[1:6]
+    message = result.stderr[result.stderr.index("error: 6 settings") :]
+    lines = message.splitlines()[1:7]
     for key in bad:  # one line each: key = value: what is wrong; the fix
         line = next(line for line in lines if line.strip().startswith(f"{key} = "))
         assert "; give " in line, line
@@ -50,6 +51,7 @@ def test_bad_settings_stop_the_run_before_any_data_with_every_key_named(dataset3
     assert 'norm = "foo"' in message and "group_ws" in message  # the names it takes
     assert "learning_rate = -1: should be >= 0" in message
     assert 'skip_connections = "no": should be true or false' in message
+    assert "iterations_per_epoch = 2.5: should be a valid integer; give an integer >= 1, or null" in message
     _nothing_written(out)
 
 
@@ -221,6 +223,7 @@ def test_types_ranges_and_names() -> None:
     problems = settings.check(
         {
             "max_epochs": 2.5,
+            "iterations_per_epoch": 0,
             "batch_size": True,
             "cache_rate": 1.5,
             "dropout": 1,
@@ -237,9 +240,20 @@ def test_types_ranges_and_names() -> None:
     )
     by_key = {problem.key: problem for problem in problems}
     assert sorted(by_key) == sorted(
-        ["max_epochs", "batch_size", "cache_rate", "dropout", "loss", "optimizer", "cases", "num_res_units"]
+        [
+            "max_epochs",
+            "iterations_per_epoch",
+            "batch_size",
+            "cache_rate",
+            "dropout",
+            "loss",
+            "optimizer",
+            "cases",
+            "num_res_units",
+        ]
     )
     assert by_key["max_epochs"].fix == "give an integer >= 1"
+    assert by_key["iterations_per_epoch"].problem == "should be >= 1"
     assert by_key["cache_rate"].problem == "should be >= 0 and <= 1"
     assert by_key["loss"].problem == "not an entry of `losses`" and "dice_focal, dice_ce" in by_key["loss"].fix
     assert str(by_key["optimizer"]).startswith(
