@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 TRAIN_DATA ?= data/synthetic3d
 TRAIN_OUT ?= runs/make_train_3d
 TRAIN_CASES ?= 20
-TRAIN_MINUTES ?= 1.3
+TRAIN_MINUTES ?= 1.2
 # more bundle keys for `make train`, e.g. TRAIN_EXTRA="--seed 1"
 TRAIN_EXTRA ?=
 

@@ -23,8 +23,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Sizes for a CPU: the same in-plane resolution for both, a 64 mm-wide patch, 3 of 5 patches centred on lesions.
+# Sizes for a CPU: the same in-plane resolution for both, a 64 mm-wide patch, 3 of 5 patches centred on lesions; the
+# rest at the bundles' fixed defaults (plan off), so that both bundles differ in their dimensions alone
 SHARED = {
+    "plan": "off",
     "channels": "[16,32,64,128]",
     "strides": "[2,2,2]",
     "patch_class_ratios": "[1,1,3]",

@@ -28,19 +28,28 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from custom_components.planning import CPU_NETWORK, PlanError, cpu_network, fit_plan, machine_memory, planned_keys
+from custom_components.config_text import flow
+from custom_components.planning import CPU_NETWORK_KEYS, PlanError, cpu_network, fit_plan, machine_memory, planned_keys
 from custom_components.run_files import atomic_write_json
+from custom_components.settings_declarations import BundleConfigs
 
 logger = logging.getLogger(__name__)
 
 PLAN_MODE_KEY = "plan"  # auto or off
+PLANNED_ID = "planned"  # the train config's id that holds what the plan chose (the run bundle writes it down)
+# the keys a training step's memory and time depend on besides the planned ones: measured with the user's values
+STEP_KEYS = (
+    "architecture", "channels", "strides", "kernel_sizes", "num_res_units", "norm", "skip_connections", "dropout",
+    "deep_supervision", "num_samples", "loss", "optimizer", "amp", "channels_last", "num_folds", "slice_axis",
+    "context_slices",
+)  # fmt: skip
 MEMORY_SHARE_KEY = "plan_memory_share"
 CPU_STEP_KEY = "plan_cpu_step_gflop"
 CACHE_KEY = "plan_cache_dir"
@@ -134,7 +143,7 @@ def plan_keys(config_file: Path, values: Mapping[str, Any], device: str) -> tupl
     """The keys ``plan: auto`` may decide for a run with ``values`` on ``device`` (on CPU the network's too)."""
     keys = [key for key in planned_keys(config_file, values) if key not in NOT_PLANNED]
     if cpu_network(device, {}):
-        keys += [key for key in CPU_NETWORK if key not in keys]
+        keys += [key for key in CPU_NETWORK_KEYS if key not in keys]
     return tuple(keys)
 
 
@@ -149,6 +158,38 @@ def _budgets(values: Mapping[str, Any], device: str) -> tuple[float, float, str]
         + ", set patch_size and batch_size yourself, or plan off"
     )
     return memory, gflop, fix
+
+
+def planned_values(values: Mapping[str, Any], bundle: Path, device: Callable[[], Any]) -> dict[str, Any]:
+    """With ``plan: auto``, the plan's values for the planned keys still at the bundle's defaults in ``values`` (the
+    settings after the plan file and the user's keys) of the bundle folder ``bundle``, training on ``device()``;
+    logs which keys came from the plan and which the user set. Raises ``AutoPlanError`` (or the dataset's
+    ``DatasetError``) with the reason and the key to set when no plan can be made."""
+    if values.get(PLAN_MODE_KEY) != "auto":
+        return {}
+    configs = BundleConfigs.read(bundle)
+    config_file = configs.folder / "train.yaml"
+
+    def own(key: str) -> bool:
+        return key not in values or any(values[key] == value for value in configs.own(key))
+
+    where = str(device())
+    keys = plan_keys(config_file, values, where)
+    left = [key for key in keys if own(key)]
+    fixed = {key: values[key] for key in keys if not own(key)}
+    if not left:
+        logger.info("%s auto: every planned key is set (%s): nothing to plan", PLAN_MODE_KEY, ", ".join(fixed))
+        return {}
+    user = {key: values[key] for key in STEP_KEYS if not own(key) and key not in fixed}
+    plan = auto_plan(values, left, fixed, user, config_file, where)
+    logger.info(
+        "%s auto: %s from %s%s",
+        PLAN_MODE_KEY,
+        ", ".join(f"{key} {flow(value)}" for key, value in plan.values.items()),
+        plan.source,
+        f"; {', '.join(fixed)} set otherwise (kept)" if fixed else "",
+    )
+    return plan.values
 
 
 def auto_plan(

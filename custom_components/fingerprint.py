@@ -15,7 +15,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from custom_components.data import CHECK_THREADS, DatasetError, case_id, voxel_sizes
+from custom_components.dataset_check import CHECK_THREADS, DatasetError, case_id, voxel_sizes
 from custom_components.imageio import read_image
 
 FOREGROUND_SAMPLES = 10_000_000  # foreground voxels kept for the intensity statistics, over the whole dataset

@@ -27,7 +27,8 @@ from monai.data import Dataset, list_data_collate
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 
-from custom_components.data import DatasetError, image_spatial_dims, prepare_output_dir, read_images
+from custom_components.data import DatasetError, image_spatial_dims, read_images
+from custom_components.output_dir import prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def read_inputs(input_dir: str | Path, spatial_dims: int, context_slices: int = 
 
 class WritableOutputDir:
     """Evaluator handler: when the run starts, before the first case, ``output_dir`` must be a folder that can be
-    written (:func:`custom_components.data.prepare_output_dir`, created if missing), else a clean exit naming it
+    written (:func:`custom_components.output_dir.prepare_output_dir`, created if missing), else a clean exit naming it
     rather than the image writer's traceback at the first case."""
 
     def __init__(self, output_dir: str | Path) -> None:

@@ -48,10 +48,12 @@ DYNUNET_PLANNED_KEYS = ("strides", "kernel_sizes")  # the plan decides them too 
 MIN_FEATURE_MAP = 4  # nnU-Net: an axis is pooled while at least twice this many voxels are left along it
 MAX_POOLS = 5  # at most this many poolings along an axis, six levels (nnU-Net caps them by MIN_FEATURE_MAP alone)
 COARSE_RATIO = 2.0  # nnU-Net: an axis this much coarser than the finest is neither pooled nor convolved across
-# On CPU, unless the user names a network: four levels of 16-128 feature maps (1.2 M parameters). A CPU step costs
-# time, not memory, and this network takes a third of the time of the bundle's 32-320 at the same patch, so a
-# time-limited step keeps a larger patch and a run trains more steps (benchmarks/RESULTS.md, 2026-12-05)
-CPU_NETWORK = {"channels": [16, 32, 64, 128], "strides": [2, 2, 2]}
+# On CPU, unless the user names a network: up to four levels of 16-128 feature maps (1.2 M parameters), each axis
+# pooled by nnU-Net's rule. A CPU step costs time, not memory, and this network takes a third of the time of the
+# bundle's 32-320 at the same patch, so a step within the compute budget keeps a larger patch and a run trains more
+# steps (benchmarks/RESULTS.md, 2026-12-05)
+CPU_CHANNELS = [16, 32, 64, 128]
+CPU_NETWORK_KEYS = ("channels", "strides")
 
 
 class PlanError(ValueError):
@@ -173,15 +175,31 @@ def dynunet_plan(spacing: Sequence[float], size: Sequence[float], channels: Sequ
             "DynUNet needs 2 (three levels): plan for architecture unet, or a finer spacing"
         )
 
-    def compact(values: Sequence[int]) -> int | list[int]:
-        return values[0] if len(set(values)) == 1 else list(values)
-
     first, last = int(channels[0]), int(max(channels))
     return {
         "channels": [min(first * 2**level, last) for level in range(len(kernels))],
-        "strides": [compact(stride) for stride in strides],
-        "kernel_sizes": [compact(kernel) for kernel in kernels],
+        "strides": [_compact(stride) for stride in strides],
+        "kernel_sizes": [_compact(kernel) for kernel in kernels],
     }
+
+
+def _compact(values: Sequence[int]) -> int | list[int]:
+    """A stride or kernel the same along every axis as one int."""
+    return values[0] if len(set(values)) == 1 else list(values)
+
+
+def cpu_unet(spacing: Sequence[float], size: Sequence[float]) -> dict[str, Any]:
+    """The ``unet`` a plan trains on CPU for patches up to ``size`` voxels of ``spacing`` mm: ``CPU_CHANNELS``, each
+    level pooling the axes nnU-Net's rule pools (a thick-slice axis only once the others have come down to its
+    spacing), so that few slices are never padded to a multiple of 8."""
+    strides, _ = pool_and_conv_props(spacing, size)
+    levels = strides[: len(CPU_CHANNELS) - 1]
+    if not levels:
+        raise PlanError(
+            f"a patch of {[round(float(n), 1) for n in size]} voxels leaves no room for a pooling: set channels and "
+            "strides yourself, or a finer spacing"
+        )
+    return {"channels": CPU_CHANNELS[: len(levels) + 1], "strides": [_compact(stride) for stride in levels]}
 
 
 def patch_candidates(
@@ -317,7 +335,8 @@ def machine_memory(device: str) -> float:
 
 
 def cpu_network(device: str, named: Mapping[str, Any]) -> bool:
-    """Whether the plan trains ``CPU_NETWORK``: on CPU, for a ``unet`` whose channels and strides nobody named."""
+    """Whether the plan chooses the network (:func:`cpu_unet`): on CPU, for a ``unet`` whose channels and strides
+    nobody named."""
     unnamed = not {"channels", "strides"} & set(named)
     return not device.startswith("cuda") and unnamed and named.get("architecture", "unet") == "unet"
 
@@ -386,8 +405,6 @@ def fit_plan(
 
     weights = class_weights([fingerprint["classes"][str(c)]["fraction"] for c in range(num_classes)])
     planned: dict[str, Any] = {"class_weights": weights, "intensity": intensity_plan(fingerprint)}
-    if cpu_network(device, {**user, **fixed}):
-        planned.update(CPU_NETWORK)
     known = {"num_classes": num_classes, "in_channels": len(description["modality"])}
     parser = bundle_parser(config_file, {**user, **known, **planned, **fixed})
     architecture, num_samples = parser.get_parsed_content("architecture"), parser.get_parsed_content("num_samples")
@@ -409,6 +426,8 @@ def fit_plan(
     if architecture == "dynunet" and not set(DYNUNET_PLANNED_KEYS) & set(fixed):
         channels = parser.get_parsed_content("channels")  # its topology from spacing and median size
         planned.update(architecture=architecture, **dynunet_plan(target[axes], median, channels))
+    elif cpu_network(device, {**user, **fixed}):
+        planned.update(cpu_unet(target[axes], median))
     strides = planned.get("strides", parser.get_parsed_content("strides"))
     if "patch_size" in fixed:
         candidates = [tuple(int(n) for n in fixed["patch_size"])]

@@ -27,15 +27,8 @@ from tqdm import tqdm
 
 from custom_components import settings
 from custom_components.bundle import KeyValueError, parse_key_values
-from custom_components.data import (
-    GRID_TOLERANCE,
-    DatasetError,
-    Problem,
-    check_dataset,
-    first_image_dims,
-    load_dataset_json,
-    voxel_sizes,
-)
+from custom_components.data import first_image_dims, load_dataset_json
+from custom_components.dataset_check import GRID_TOLERANCE, DatasetError, Problem, check_dataset, voxel_sizes
 from custom_components.imageio import ITK_SUFFIXES, NIFTI_SUFFIXES, ImageReadError, read_header, read_image
 from custom_components.planning import PlanError, bundle_config, make_plan, planned_keys
 from custom_components.run_files import atomic_write_bytes, atomic_write_json

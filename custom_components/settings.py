@@ -26,6 +26,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 import re
@@ -70,14 +71,6 @@ ARCHITECTURE_ONLY = {
 }
 DYNUNET_MIN_LEVELS = 3  # MONAI's DynUNet builds at least three resolution levels
 YAML_WORDS = {False: "off", True: "on"}  # what YAML 1.1 (PyYAML, MONAI's parser) turns these words into
-AUTO_PLAN_KEY = "plan"  # auto: training fits the planned keys the user left to the dataset and device
-PLANNED_ID = "planned"  # the train config's id that holds what `plan: auto` chose (the run bundle writes it down)
-# the keys a training step's memory and time depend on besides the planned ones: measured with the user's values
-STEP_KEYS = (
-    "architecture", "channels", "strides", "kernel_sizes", "num_res_units", "norm", "skip_connections", "dropout",
-    "deep_supervision", "num_samples", "loss", "optimizer", "amp", "channels_last", "num_folds", "slice_axis",
-    "context_slices",
-)  # fmt: skip
 
 
 # --- the check ----------------------------------------------------------------------------------------------------
@@ -402,11 +395,19 @@ def check_workflow(config: str) -> None:
         message = report(problems, root, config)
         logger.error("%s", message)
         sys.exit(f"error: {message}")
-    if config == "train":
-        planned = _auto_planned(workflow, {**values, **applied, **checked.converted}, root)
+    if config == "train":  # `plan: auto` fits the planned keys still at the bundle's defaults
+        from custom_components.auto_plan import PLAN_MODE_KEY, PLANNED_ID, AutoPlanError, planned_values
+        from custom_components.data import DatasetError
+
+        try:
+            device = functools.partial(workflow.parser.get_parsed_content, "device")
+            planned = planned_values({**values, **applied, **checked.converted}, root, device)
+        except (AutoPlanError, DatasetError) as err:
+            logger.error("%s", err)
+            sys.exit(f"error: {err}")
         problems = validate({**values, **applied, **checked.converted, **planned}, root, config).problems
         if problems:  # a plan's values are the bundle's own kind: a problem here is a bug, named as such
-            message = report(problems, root, config, f"{AUTO_PLAN_KEY} auto's plan")
+            message = report(problems, root, config, f"{PLAN_MODE_KEY} auto's plan")
             logger.error("%s", message)
             sys.exit(f"error: {message}")
         applied.update(planned)
@@ -415,44 +416,6 @@ def check_workflow(config: str) -> None:
         workflow.parser[id] = value
     for key, value in checked.converted.items():
         workflow.parser[key] = value
-
-
-def _auto_planned(workflow: ConfigWorkflow, values: Mapping[str, Any], bundle: Path) -> dict[str, Any]:
-    """With ``plan: auto``, the plan's values (:mod:`custom_components.auto_plan`) for the planned keys still at the
-    bundle's defaults in ``values`` (the settings after the plan file and the user's keys); a plan that cannot be
-    made stops the run with the reason and the key to set."""
-    from custom_components.auto_plan import AutoPlanError, auto_plan, plan_keys
-    from custom_components.data import DatasetError
-
-    if values.get(AUTO_PLAN_KEY) != "auto":
-        return {}
-    configs = BundleConfigs.read(bundle)
-    config_file = configs.folder / "train.yaml"
-
-    def own(key: str) -> bool:
-        return key not in values or any(values[key] == value for value in configs.own(key))
-
-    device = str(workflow.parser.get_parsed_content("device"))
-    keys = plan_keys(config_file, values, device)
-    left = [key for key in keys if own(key)]
-    fixed = {key: values[key] for key in keys if not own(key)}
-    if not left:
-        logger.info("%s auto: every planned key is set (%s): nothing to plan", AUTO_PLAN_KEY, ", ".join(fixed))
-        return {}
-    user = {key: values[key] for key in STEP_KEYS if not own(key) and key not in fixed}
-    try:
-        plan = auto_plan(values, left, fixed, user, config_file, device)
-    except (AutoPlanError, DatasetError) as err:
-        logger.error("%s", err)
-        sys.exit(f"error: {err}")
-    logger.info(
-        "%s auto: %s from %s%s",
-        AUTO_PLAN_KEY,
-        ", ".join(f"{key} {flow(value)}" for key, value in plan.values.items()),
-        plan.source,
-        f"; {', '.join(fixed)} set otherwise (kept)" if fixed else "",
-    )
-    return plan.values
 
 
 def _plan_values(values: Mapping[str, Any], bundle: Path, config: str) -> tuple[Plan | None, dict[str, Any]]:

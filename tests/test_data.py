@@ -16,17 +16,10 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import set_rnd
 from monai.transforms import Compose, LoadImaged, Randomizable
 
-from custom_components import data
-from custom_components.data import (
-    DatasetError,
-    EpochSeededDataset,
-    EpochSeededSampler,
-    check_datalist,
-    load_dataset_json,
-    make_dataset,
-    split_datalist,
-)
+from custom_components import data, dataset_check
+from custom_components.data import DatasetError, check_datalist, load_dataset_json, make_dataset, split_datalist
 from custom_components.handlers import ResumableCheckpoint, epoch_seed
+from custom_components.sampling import EpochSeededDataset, EpochSeededSampler
 from custom_components.step_measure import bundle_parser
 from custom_components.synthetic import write_dataset
 from tests.conftest import REPO, SMALL_3D, run_bundle
@@ -187,6 +180,21 @@ def test_image_and_label_of_different_shape(tiny: Path, copy_dataset) -> None:
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), label)
     with pytest.raises(DatasetError, match=f"{label} has shape \\(5, 5, 5\\) but its image"):
         check_datalist(load_dataset_json(broken), broken, 3)
+
+
+def test_a_dataset_is_checked_once_until_a_file_changes(tiny: Path, copy_dataset, monkeypatch) -> None:
+    dataset = copy_dataset(tiny)
+    reads = []
+    check_case = dataset_check.check_case
+    monkeypatch.setattr(dataset_check, "check_case", lambda *args: reads.append(args[0]) or check_case(*args))
+    first = check_datalist(load_dataset_json(dataset), dataset, 3)
+    assert len(reads) == len(first)
+    assert check_datalist(load_dataset_json(dataset), dataset, 3) == first and len(reads) == len(first)
+    label = dataset / "labelsTr" / "case_003.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), label)
+    with pytest.raises(DatasetError, match=f"{label} has shape"):  # changed: checked again, every case
+        check_datalist(load_dataset_json(dataset), dataset, 3)
+    assert len(reads) == 2 * len(first)
 
 
 def test_label_values_outside_classes(tiny: Path) -> None:

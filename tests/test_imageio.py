@@ -14,15 +14,8 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import LoadImage
 from PIL import Image
 
-from custom_components.data import (
-    DatasetError,
-    check_case,
-    check_datalist,
-    estimate_cache_bytes,
-    image_spatial_dims,
-    load_dataset_json,
-    voxel_sizes,
-)
+from custom_components.data import estimate_cache_bytes, image_spatial_dims, load_dataset_json
+from custom_components.dataset_check import DatasetError, check_case, check_datalist, voxel_sizes
 from custom_components.imageio import ImageReadError, read_header, read_image
 from custom_components.kfold.splits import describe_cases
 from custom_components.prepare import main

@@ -21,9 +21,9 @@ from monai.data import Dataset
 from monai.transforms import Compose, Randomizable
 
 from custom_components import settings
-from custom_components.data import EpochSeededDataset, EpochSeededSampler
 from custom_components.run_bundle import resume_problem
 from custom_components.run_files import read_checkpoint
+from custom_components.sampling import EpochSeededDataset, EpochSeededSampler
 from tests.conftest import REPO, SMALL_3D, USER_CWD, bundle_args, read_metrics, run_bundle
 
 TRAIN_3D = "bundles/unet3d/configs/train.yaml"

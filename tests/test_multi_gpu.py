@@ -41,7 +41,7 @@ def test_two_processes_train_one_model(dataset3d: Path, tmp_path: Path) -> None:
 
 
 def test_every_process_trains_iterations_per_epoch_batches(dataset3d: Path, tmp_path: Path) -> None:
-    # each process draws its own share of every epoch (custom_components.data.EpochSeededSampler with its rank): as
+    # each process draws its own share of every epoch (custom_components.sampling.EpochSeededSampler with its rank): as
     # many batches in each, or the gradients' all-reduce would wait for the process that stopped early
     out = tmp_path / "run"
     configs = ["bundles/unet3d/configs/train.yaml", "bundles/unet3d/configs/multi_gpu_train.yaml"]

@@ -378,6 +378,18 @@ def test_pool_and_conv_props_follow_nnunet() -> None:
         dynunet_plan((1.0, 1.0, 1.0), (12, 12, 12), [32, 64, 128])
 
 
+def test_the_cpu_network_pools_thick_slices_late() -> None:
+    """On CPU the plan's unet pools each axis by nnU-Net's rule, at most three times: 12 slices of 4 mm need a patch
+    z that is a multiple of 2, not of 8."""
+    network = planning.cpu_unet((0.8, 0.8, 4.0), (96, 96, 12))
+    assert network == {"channels": [16, 32, 64, 128], "strides": [[2, 2, 1], [2, 2, 1], 2]}
+    assert divisibility(network["strides"], 3).tolist() == [8, 8, 2]
+    assert planning.cpu_unet((1.0, 1.0, 1.0), (64, 64, 64)) == {"channels": [16, 32, 64, 128], "strides": [2, 2, 2]}
+    assert planning.cpu_unet((1.0, 1.0), (16, 12)) == {"channels": [16, 32], "strides": [2]}  # room for one pooling
+    with pytest.raises(planning.PlanError, match="no room for a pooling"):
+        planning.cpu_unet((1.0, 1.0), (6, 6))
+
+
 def test_dynunet_plan_on_anisotropic_data(tmp_path: Path, capsys) -> None:
     """0.8 x 0.8 x 5 mm volumes of 10-14 slices: z is pooled once, x and y three times, and the patch z never
     exceeds the largest case rounded up to the network's divisor along z."""

@@ -21,16 +21,10 @@ import torch
 from ignite.engine import Engine, Events
 
 from custom_components import handlers, run_files, runlock
-from custom_components.data import (
-    DatasetError,
-    OutputDirError,
-    check_output_dir,
-    checkpoint_space,
-    load_dataset_json,
-    split_datalist,
-)
+from custom_components.data import DatasetError, load_dataset_json, split_datalist
 from custom_components.evaluation import evaluation_cases
 from custom_components.handlers import TrainingReport
+from custom_components.output_dir import OutputDirError, check_output_dir, checkpoint_space
 from custom_components.run_files import (
     atomic_torch_save,
     atomic_write_bytes,
