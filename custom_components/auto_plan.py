@@ -36,7 +36,8 @@ from typing import Any
 import yaml
 
 from custom_components.config_text import flow
-from custom_components.planning import CPU_NETWORK_KEYS, PlanError, cpu_network, fit_plan, machine_memory, planned_keys
+from custom_components.plan_network import CPU_NETWORK_KEYS
+from custom_components.planning import PlanError, cpu_network, fit_plan, machine_memory, planned_keys
 from custom_components.run_files import atomic_write_json
 from custom_components.settings_declarations import BundleConfigs
 

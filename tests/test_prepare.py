@@ -12,17 +12,10 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from custom_components import planning, settings
+from custom_components import plan_network, planning, settings
 from custom_components.data import DatasetError, check_datalist, load_dataset_json
-from custom_components.planning import (
-    choose_patch_and_batch,
-    divisibility,
-    dynunet_plan,
-    make_plan,
-    patch_candidates,
-    pool_and_conv_props,
-    target_spacing,
-)
+from custom_components.plan_network import divisibility, dynunet_plan, pool_and_conv_props
+from custom_components.planning import choose_patch_and_batch, make_plan, patch_candidates, target_spacing
 from custom_components.prepare import main
 from custom_components.step_measure import StepMemory
 from custom_components.synthetic import write_dataset
@@ -381,13 +374,13 @@ def test_pool_and_conv_props_follow_nnunet() -> None:
 def test_the_cpu_network_pools_thick_slices_late() -> None:
     """On CPU the plan's unet pools each axis by nnU-Net's rule, at most three times: 12 slices of 4 mm need a patch
     z that is a multiple of 2, not of 8."""
-    network = planning.cpu_unet((0.8, 0.8, 4.0), (96, 96, 12))
+    network = plan_network.cpu_unet((0.8, 0.8, 4.0), (96, 96, 12))
     assert network == {"channels": [16, 32, 64, 128], "strides": [[2, 2, 1], [2, 2, 1], 2]}
     assert divisibility(network["strides"], 3).tolist() == [8, 8, 2]
-    assert planning.cpu_unet((1.0, 1.0, 1.0), (64, 64, 64)) == {"channels": [16, 32, 64, 128], "strides": [2, 2, 2]}
-    assert planning.cpu_unet((1.0, 1.0), (16, 12)) == {"channels": [16, 32], "strides": [2]}  # room for one pooling
-    with pytest.raises(planning.PlanError, match="no room for a pooling"):
-        planning.cpu_unet((1.0, 1.0), (6, 6))
+    assert plan_network.cpu_unet((1.0, 1.0, 1.0), (64, 64, 64)) == {"channels": [16, 32, 64, 128], "strides": [2, 2, 2]}
+    assert plan_network.cpu_unet((1.0, 1.0), (16, 12)) == {"channels": [16, 32], "strides": [2]}  # room for one pooling
+    with pytest.raises(plan_network.PlanError, match="no room for a pooling"):
+        plan_network.cpu_unet((1.0, 1.0), (6, 6))
 
 
 def test_dynunet_plan_on_anisotropic_data(tmp_path: Path, capsys) -> None:
