@@ -16,6 +16,9 @@ training cases and one among the four validation cases (``splits.json``). The co
   ``--set architecture=dynunet`` for the second), the explicit workflow;
 - ``3D plan, dynunet, deep supervision``: the dynunet plan with ``deep_supervision: true`` (nnU-Net's training);
 - ``2D defaults``, ``2D bundle, one command`` and ``2D plan``: bundles/unet2d the same three ways;
+- ``2D plan, 4 volumes a step`` and ``2D plan, 4 slices a volume``: the 2D plan with twice and half the slices a
+  step (``batch_size`` 4 instead of the plan's 2; ``num_samples`` 4 instead of 8), where the slice size caps the
+  patch: whether more slices a step buy Dice per minute;
 - ``3D plan, unet, compiled`` and ``3D plan, dynunet, compiled``: the two plans with ``compile: true`` (the network
   compiled by ``torch.compile``, its compile time inside the budget).
 
@@ -46,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from throughput import conv_peak, machine
+from throughput import conv_peak, machine, machine_text
 
 from custom_components.bundle import bundle_command
 from custom_components.paths import REPO_ROOT
@@ -69,6 +72,8 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]] = {
     "2D defaults": ("unet2d", "off", {}, {}),
     "2D bundle, one command": ("unet2d", "auto", {}, {}),
     "2D plan": ("unet2d", "file", {}, {}),
+    "2D plan, 4 volumes a step": ("unet2d", "file", {}, {"batch_size": 4}),
+    "2D plan, 4 slices a volume": ("unet2d", "file", {}, {"num_samples": 4}),
     "3D plan, unet, compiled": ("unet3d", "file", {}, {"compile": True}),
     "3D plan, dynunet, compiled": ("unet3d", "file", {"architecture": "dynunet"}, {"compile": True}),
 }
@@ -216,11 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             + " / ".join(class_names(results))
             + f") and the epochs the budget bought. {CASES - len(VAL)} training and {len(VAL)} validation "
             f"cases of {list(SHAPE)} voxels at {list(SPACING)} mm, one without foreground in each.",
-            f"CPU conv peak: {peak['gflop_per_s']:.1f} GFLOP/s (Conv3d forward+backward, throughput.conv_peak).",
-            f"Machine: {info['cpu']}, {info['cpu_count']} CPU cores, {info['torch_threads']} torch threads"
-            + (f", trained on {info['gpu']}; " if info["gpu"] else "; ")
-            + f"{WORKERS} data-loading workers; "
-            f"torch {info['torch']}, MONAI {info['monai']}, Python {info['python']}; {info['date']}.",
+            machine_text(info, peak, WORKERS),
         ]
     )
     print(report)

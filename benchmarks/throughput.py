@@ -85,6 +85,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def machine_text(info: Mapping[str, Any], peak: Mapping[str, Any], workers: int) -> str:
+    """Two report lines: the CPU's conv peak measured in the run, and the machine (``info`` from :func:`machine`)
+    the bundle trained on with ``workers`` data-loading workers."""
+    return (
+        f"CPU conv peak: {peak['gflop_per_s']:.1f} GFLOP/s (Conv3d forward+backward, throughput.conv_peak).\n\n"
+        f"Machine: {info['cpu']}, {info['cpu_count']} CPU cores, {info['torch_threads']} torch threads"
+        + (f", trained on {info['gpu']}; " if info["gpu"] else "; ")
+        + f"{workers} data-loading workers; torch {info['torch']}, MONAI {info['monai']}, Python {info['python']}; "
+        f"{info['date']}."
+    )
+
+
 def count_flops(fn: Callable[[], object]) -> float:
     """FLOPs PyTorch counts for one call of ``fn`` (convolutions and matrix products; norms and pointwise ops not)."""
     with FlopCounterMode(display=False) as counter:

@@ -1,11 +1,13 @@
-"""The dataset check: every training case read and checked (files, grids, label values, intensities), every problem
-of every case reported at once with its file and fix, each dataset state checked once per process."""
+"""The dataset check: every training case read and checked (files, grids, label values, intensities, sampling
+weights), every problem of every case reported at once with its file and fix, each dataset state checked once per
+process; the classes each label map holds are recorded on the way (``case_classes``)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ def resolve_path(dataset_dir: Path, relative: str) -> Path:
 GRID_TOLERANCE = 0.01  # image and label affines may differ by this fraction of the smallest voxel size
 SPACING_RANGE_MM = (0.01, 50.0)  # outside it the header is not in millimetres (metres, microns) or is broken
 CHECK_THREADS = 4  # cases read at once: decompression and disk reads overlap, memory stays bounded
+SAMPLING_WEIGHT = "sampling_weight"  # a training entry's optional field: how often case_sampling draws the case
+COUNT_BLOCK = 1 << 20  # label voxels counted at once: the integer copy bincount needs stays at 8 MiB
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,35 @@ def _check_image(
     return True
 
 
+# the classes each label map the check read holds (its path -> class values), for `case_sampling: balanced`: the
+# check reads every label anyway, so the sampler's weights cost no second read
+_CLASSES: dict[str, tuple[int, ...]] = {}
+
+
+def _present_classes(data: np.ndarray, high: int) -> tuple[int, ...]:
+    """The values of a label map whose values are integers in 0..``high``, counted a block of voxels at a time."""
+    flat = data.ravel(order="K")  # a view whatever the array's memory order
+    counts = np.zeros(high + 1, dtype=np.int64)
+    for start in range(0, flat.size, COUNT_BLOCK):
+        counts += np.bincount(flat[start : start + COUNT_BLOCK].astype(np.intp), minlength=high + 1)
+    return tuple(np.flatnonzero(counts).tolist())
+
+
+def case_classes(labels: Sequence[str]) -> list[tuple[int, ...]]:
+    """The class values each label map holds, background included: as the dataset check recorded them when it read
+    the file (a file it has not read in this process is read now)."""
+    found = []
+    for label in labels:
+        if label not in _CLASSES:
+            data = read_image(label)[0]
+            _CLASSES[label] = _present_classes(data, int(data.max()))
+        found.append(_CLASSES[label])
+    return found
+
+
 def _check_label(path: Path, data: np.ndarray, image_dims: int, num_classes: int, report: Report) -> bool:
-    """Shape and values of a label map; True when its shape is usable (so the grid can be compared)."""
+    """Shape and values of a label map; True when its shape is usable (so the grid can be compared). The classes of
+    a label map with valid values are recorded (``case_classes``)."""
     shape = tuple(data.shape)
     if 0 in shape:
         report(path, f"is empty (shape {shape})", "re-export the label")
@@ -145,13 +176,15 @@ def _check_label(path: Path, data: np.ndarray, image_dims: int, num_classes: int
             f"has label values {bad.tolist()[:5]} outside 0..{num_classes - 1}",
             "fix the label map or declare the classes in dataset.json 'labels'",
         )
-    elif high == 0:
-        report(
-            path,
-            "has no foreground voxel (every value is 0)",
-            "check it is the right file: a case without foreground only teaches background",
-            fatal=False,
-        )
+    else:
+        _CLASSES[str(path)] = _present_classes(data, int(high))
+        if high == 0:
+            report(
+                path,
+                "has no foreground voxel (every value is 0)",
+                "check it is the right file: a case without foreground only teaches background",
+                fatal=False,
+            )
     return True
 
 
@@ -214,6 +247,49 @@ def check_case(image: Path, label: Path, num_classes: int, image_dims: int = 3, 
     return problems
 
 
+def _weight_problems(description: dict[str, Any], path: Path) -> list[Problem]:
+    """The training entries' ``sampling_weight``: a number >= 0 in every entry or in none, not all 0."""
+    entries = description["training"]
+    problems = []
+    weights = []
+    for index, item in enumerate(entries):
+        if SAMPLING_WEIGHT not in item:
+            continue
+        value = item[SAMPLING_WEIGHT]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            case = case_id(item["image"])
+            problems.append(
+                Problem(
+                    case,
+                    str(path),
+                    f"training[{index}] ({case}) has {SAMPLING_WEIGHT} {json.dumps(value)}",
+                    "give a number >= 0 (how often case_sampling draws the case, relative to the others)",
+                )
+            )
+        weights.append(value)
+    missing = [case_id(item["image"]) for item in entries if SAMPLING_WEIGHT not in item]
+    if weights and missing:
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        problems.append(
+            Problem(
+                "dataset.json",
+                str(path),
+                f"gives {SAMPLING_WEIGHT} to {len(weights)} of {len(entries)} training cases, not to {listed}",
+                f"give every training case a {SAMPLING_WEIGHT} (a number >= 0), or none",
+            )
+        )
+    elif weights and not problems and not any(weights):
+        problems.append(
+            Problem(
+                "dataset.json",
+                str(path),
+                f"gives every training case {SAMPLING_WEIGHT} 0: case_sampling would draw none",
+                "give the cases to train on a weight > 0",
+            )
+        )
+    return problems
+
+
 def _checked_state(description: dict[str, Any], root: Path, num_classes: int, image_dims: int) -> str:
     """What a dataset check's outcome depends on: the description, the arguments and every listed file's size and
     modification time."""
@@ -262,6 +338,7 @@ def check_dataset(
                 "number the classes 0 (background) to N-1 without gaps: the network has one output per class",
             )
         )
+    problems += _weight_problems(description, root / "dataset.json")
     channels = len(description["modality"])
     with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:
         per_case = pool.map(

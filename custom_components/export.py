@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.handlers import MODEL_FILE
+from custom_components.checkpoint import MODEL_FILE
 from custom_components.kfold.layout import INFERENCE_CONFIG, METADATA_FILE
 from custom_components.networks import total_downsampling, without_deep_supervision
 from custom_components.run_files import ModelError, atomic_write_bytes, load_weights

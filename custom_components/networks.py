@@ -15,6 +15,7 @@ from monai.networks.nets.dynunet import DynUNetSkipLayer
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
+from custom_components.initialisation import initialise
 from custom_components.norms import resolve_norm, standardize_convs
 
 
@@ -154,16 +155,20 @@ def build_network(
     kernel_sizes: Sequence[int | Sequence[int]] | None = None,
     deep_supervision: bool = False,
     skip_connections: bool = True,
+    init: str = "default",
     **network_args: Any,
 ) -> nn.Module:
     """The network ``architecture`` names (``ARCHITECTURES``), from the keys every network shares; the keys of one
     network only (``kernel_sizes``, ``deep_supervision`` for dynunet, ``skip_connections`` for unet) go to it
-    (``custom_components.settings`` refuses them set for the other one)."""
+    (``custom_components.settings`` refuses them set for the other one). Its weights are drawn by ``init``
+    (``custom_components.initialisation``; training's key, before any checkpoint or weights file is loaded)."""
     if architecture == "dynunet":
-        return dynunet(kernel_sizes=kernel_sizes, deep_supervision=deep_supervision, **network_args)
-    if architecture == "unet":
-        return unet(skip_connections=skip_connections, **network_args)
-    raise ValueError(f"architecture {architecture!r} is not one of {list(ARCHITECTURES)}")
+        network = dynunet(kernel_sizes=kernel_sizes, deep_supervision=deep_supervision, **network_args)
+    elif architecture == "unet":
+        network = unet(skip_connections=skip_connections, **network_args)
+    else:
+        raise ValueError(f"architecture {architecture!r} is not one of {list(ARCHITECTURES)}")
+    return initialise(network, init)
 
 
 def without_deep_supervision(network: nn.Module) -> nn.Module:

@@ -42,6 +42,10 @@ PLANNED_KEYS = (
 # less than one pass over the training cases): validation and the work at each epoch's end then stay a small share
 # of the time, where a pass over a few cases would take a second
 EPOCH_STEP_S = 5.0
+# On CPU the step's seconds are its counted FLOPs at this rate (what a training step of the CPU network reaches on 2
+# server cores; benchmarks/RESULTS.md), never a timing: a busy machine would plan shorter epochs, and the one
+# command would train another plan than `prepare plan` made for the same data
+CPU_STEP_GFLOP_PER_S = 150.0
 MAX_ITERATIONS_PER_EPOCH = 250
 ITERATIONS_ROUNDING = 10
 DYNUNET_PLANNED_KEYS = ("strides", "kernel_sizes")  # the plan decides them too for architecture dynunet
@@ -367,7 +371,11 @@ def fit_plan(
         raise PlanError(str(err)) from err
     planned.update(patch_size=list(choice.patch_size), batch_size=choice.batch_size)
     if "iterations_per_epoch" not in fixed:
-        step_s = measure.step_seconds(choice.patch_size, choice.batch_size)
+        step_s = (
+            measure.step_gflop(choice.patch_size, choice.batch_size) / CPU_STEP_GFLOP_PER_S
+            if math.isfinite(gflop)
+            else measure.step_seconds(choice.patch_size, choice.batch_size)
+        )
         planned["iterations_per_epoch"] = epoch_length(step_s, train_cases, choice.batch_size)
     values = {key: value for key, value in planned.items() if key not in fixed}
     return FittedPlan(values, fingerprint, choice, measure, words)

@@ -36,8 +36,8 @@ from typing import Any
 
 import yaml
 
+from custom_components.checkpoint import MODEL_FILE
 from custom_components.config_text import flow, freeze, user_keys
-from custom_components.handlers import MODEL_FILE
 from custom_components.kfold.layout import EVALUATION_FILE, METADATA_FILE, METRICS_FILE
 from custom_components.run_bundle import CONFIGS, COPIED, intended_use
 from custom_components.run_files import atomic_write_bytes, atomic_write_json

@@ -25,9 +25,9 @@ from monai.bundle import ConfigWorkflow
 from custom_components.bundle import expression_ids, running
 from custom_components.config_text import flow, freeze, plain, user_keys
 from custom_components.data import case_id
-from custom_components.handlers import TrainingReport
 from custom_components.networks import total_downsampling
 from custom_components.run_files import atomic_write_bytes, atomic_write_json
+from custom_components.training_report import TrainingReport
 
 CONFIGS = ("train", "inference", "evaluate", "multi_gpu_train")  # the bundle's workflows, each copied if present
 TRAINING_CONFIGS = ("train", "multi_gpu_train")  # their output_dir is the run folder itself, wherever it is moved

@@ -12,13 +12,14 @@ tell them apart; ``slabs`` (2D) are thin volumes of thick slices with solid squa
 slices only mislead.
 
 Usage: ``python -m custom_components.synthetic --out DIR --cases N --seed S [--dim 2|3] [--kind organs|rods|slabs]
-[--empty N]``
+[--empty N] [--lesion-cases I ...]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import nibabel as nib
@@ -50,12 +51,17 @@ def _ellipsoid_distance(grid: list[np.ndarray], centre: np.ndarray, radii: np.nd
 
 
 def make_case(
-    shape: tuple[int, ...], spacing: tuple[float, ...], rng: np.random.Generator, foreground: bool = True
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    rng: np.random.Generator,
+    foreground: bool = True,
+    lesions: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One CT-like image (float32 HU) and its label map (uint8: 0 background, 1 organ, 2 lesion).
 
     ``foreground`` False leaves the organ and its lesions out (the distractor stays): a case without foreground,
-    whose right answer is an empty label map."""
+    whose right answer is an empty label map. ``lesions`` False leaves the lesions out (the organ whole). Either
+    draws the same random numbers, so the rest of the case, and every later case, is the same."""
     grid = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij")
     extent = np.array([n * s for n, s in zip(shape, spacing, strict=True)])
     centre = extent / 2
@@ -84,6 +90,8 @@ def make_case(
     lesion &= organ
     if not foreground:
         organ[:] = lesion[:] = False
+    if not lesions:
+        lesion[:] = False
 
     image = np.full(shape, AIR_HU, dtype=np.float32)
     image[body] = BODY_HU
@@ -173,6 +181,7 @@ def write_dataset(
     image_format: str = "nifti",
     kind: str = "organs",
     empty_cases: int = 0,
+    lesion_cases: Collection[int] | None = None,
 ) -> Path:
     """Write ``cases`` synthetic cases with an MSD ``dataset.json``; returns the dataset folder.
 
@@ -180,7 +189,9 @@ def write_dataset(
     ``image_format`` png or tiff (2D only) writes 16-bit images of HU + 1024 and 8-bit label maps, which carry
     no spacing: the form 2D datasets often come in. ``kind`` (:data:`KINDS`): the CT-like organs, or the 3D
     ``rods`` and the thin ``slabs`` (volumes only, float32 MR-like intensities). The last ``empty_cases`` cases
-    (organs only) have no organ and no lesion: a label map of background alone.
+    (organs only) have no organ and no lesion: a label map of background alone. ``lesion_cases`` (organs only): the
+    indices of the cases that hold lesions, the others an organ alone (None: every case with an organ), so that the
+    lesion class is as rare among the cases as a study needs.
     """
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, got {dim}")
@@ -190,6 +201,8 @@ def write_dataset(
         raise ValueError(f"kind must be one of {list(KINDS)} (rods and slabs are volumes: dim 3), got {kind}")
     if not 0 <= empty_cases <= cases or (empty_cases and kind != "organs"):
         raise ValueError(f"empty_cases must be between 0 and cases={cases} (organs only), got {empty_cases}")
+    if lesion_cases is not None and (kind != "organs" or not set(lesion_cases) <= set(range(cases))):
+        raise ValueError(f"lesion_cases must be case indices below cases={cases} (organs only), got {lesion_cases}")
     maker, labels, modality, default_shape, default_spacing = KINDS[kind]
     shape = tuple(shape or (default_shape if dim == 3 else (128, 128)))
     spacing = tuple(spacing or (default_spacing if dim == 3 else (0.8, 0.8)))
@@ -203,7 +216,11 @@ def write_dataset(
     for index in range(cases):
         case_shape = tuple(int(round(n * rng.uniform(0.85, 1.15))) for n in shape)
         foreground = index < cases - empty_cases
-        image, label = make_case(case_shape, spacing, rng, foreground) if maker is None else maker(case_shape, rng)
+        lesions = lesion_cases is None or index in lesion_cases
+        if maker is None:
+            image, label = make_case(case_shape, spacing, rng, foreground, lesions)
+        else:
+            image, label = maker(case_shape, rng)
         affine = np.diag([*spacing, *([1.0] * (3 - dim)), 1.0])
         affine[:dim, 3] = rng.uniform(-50, 50, dim)  # scanner origin differs between cases
         name = f"case_{index:03d}{FORMATS[image_format]}"
@@ -244,9 +261,21 @@ def main(argv: list[str] | None = None) -> None:
         "--kind", default="organs", choices=list(KINDS), help="organs: CT-like; rods: favours 3D; slabs: favours 2D"
     )
     parser.add_argument("--empty", type=int, default=0, help="the last N cases without foreground (organs only)")
+    parser.add_argument(
+        "--lesion-cases", type=int, nargs="+", help="indices of the cases with lesions (default: all; organs only)"
+    )
     args = parser.parse_args(argv)
     out = write_dataset(
-        args.out, args.cases, args.seed, args.dim, args.shape, args.spacing, args.format, args.kind, args.empty
+        args.out,
+        args.cases,
+        args.seed,
+        args.dim,
+        args.shape,
+        args.spacing,
+        args.format,
+        args.kind,
+        args.empty,
+        args.lesion_cases,
     )
     print(f"wrote {args.cases} {args.dim}D cases to {out}")
 

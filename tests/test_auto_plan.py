@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from custom_components import auto_plan
+from custom_components import auto_plan, prepare
 from tests.conftest import REPO, SMALL_3D, run_bundle
 
 TRAIN_3D = "bundles/unet3d/configs/train.yaml"
@@ -65,6 +65,17 @@ def test_the_plan_is_made_for_a_read_only_dataset_and_recorded_in_the_run(planne
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["planned_settings"] == {key: content["values"][key] for key in PLANNED}
     assert "`plan: auto` chose" in (out / "docs" / "README.md").read_text()
+
+
+def test_the_one_command_trains_the_plan_prepare_plan_writes(planned_run: dict, dataset3d: Path, copy_dataset) -> None:
+    """On CPU a plan rests on counted FLOPs, never on timings: `prepare plan` on the same data (another planning, on
+    a machine as busy as it is now) writes the values the one command trained with."""
+    dataset = copy_dataset(dataset3d)
+    assert prepare.main(["plan", str(dataset), "--device", "cpu", "--set", f"num_folds={AUTO_3D['num_folds']}"]) == 0
+    written = yaml.safe_load((dataset / "plan_3d.yaml").read_text())
+    plans = [json.loads(path.read_text()) for path in planned_run["cache"].glob("*.json")]
+    (trained,) = [plan["values"] for plan in plans if not plan["identity"]["fixed"]]
+    assert {key: written[key] for key in PLANNED} == {key: trained[key] for key in PLANNED}
 
 
 def test_keys_set_by_the_user_win_and_the_plan_is_cached(planned_run: dict, tmp_path: Path) -> None:

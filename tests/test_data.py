@@ -17,8 +17,8 @@ from monai.data.utils import set_rnd
 from monai.transforms import Compose, LoadImaged, Randomizable
 
 from custom_components import data, dataset_check
+from custom_components.checkpoint import ResumableCheckpoint, epoch_seed
 from custom_components.data import DatasetError, check_datalist, load_dataset_json, make_dataset, split_datalist
-from custom_components.handlers import ResumableCheckpoint, epoch_seed
 from custom_components.sampling import EpochSeededDataset, EpochSeededSampler
 from custom_components.step_measure import bundle_parser
 from custom_components.synthetic import write_dataset

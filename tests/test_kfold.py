@@ -317,7 +317,9 @@ def cross_validation(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespac
     output = root / "cv"
     bundle = str(REPO / "bundles/unet3d")
     command = [*KFOLD, "run", "--bundle", bundle, "--dataset_dir", str(dataset), "--folds", "3"]
-    command += ["--output", str(output), "--set", *[f"{k}={v}" for k, v in FOLD_OVERRIDES.items()]]
+    # the bundle's plan on (its default) for the keys left to it (intensity, class weights, batch size), cached here
+    keys = {**FOLD_OVERRIDES, "plan": "auto", "plan_cache_dir": root / "plans", "iterations_per_epoch": 3}
+    command += ["--output", str(output), "--set", *[f"{k}={v}" for k, v in keys.items()]]
 
     first = subprocess.Popen(
         command, cwd=USER_CWD.name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -345,6 +347,12 @@ def test_restart_skips_finished_folds_and_resumes_the_interrupted_one(cross_vali
     assert "fold_0: training" not in cross_validation.log
     assert {n: (fold0 / n).stat().st_mtime_ns for n in cross_validation.fold0_before} == cross_validation.fold0_before
     assert "resumed from" in (output / "fold_1" / "fold.log").read_text()  # from its first epoch's checkpoint
+    # one plan for the cross-validation: made by the first fold, read by the next, never made again on resume
+    logs = {fold: (output / fold / "fold.log").read_text() for fold in ("fold_0", "fold_1", "fold_2")}
+    assert "from a plan made in" in logs["fold_0"]
+    assert "from the cached plan" in logs["fold_1"] and "(resumed: not planned again)" in logs["fold_1"]
+    assert "from the cached plan" in logs["fold_2"] and "plan made in" not in logs["fold_1"] + logs["fold_2"]
+    assert len(list((output.parent / "plans").glob("*.json"))) == 1  # the fixture's plan_cache_dir
     for fold in ("fold_0", "fold_1", "fold_2"):  # each fold folder is a run bundle that resumes and scores in place
         assert (output / fold / "configs" / "train.yaml").read_text().count('output_dir: "$@bundle_root"') == 1
         assert (output / fold / "models" / "model.pt").is_file()

@@ -20,10 +20,9 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components import handlers, run_files, runlock
+from custom_components import run_files, runlock, training_report
 from custom_components.data import DatasetError, load_dataset_json, split_datalist
 from custom_components.evaluation import evaluation_cases
-from custom_components.handlers import TrainingReport
 from custom_components.output_dir import OutputDirError, check_output_dir, checkpoint_space
 from custom_components.run_files import (
     atomic_torch_save,
@@ -32,6 +31,7 @@ from custom_components.run_files import (
     remove_stale_temporaries,
 )
 from custom_components.synthetic import write_dataset
+from custom_components.training_report import TrainingReport
 from tests.conftest import SMALL_3D, read_metrics, run_bundle
 
 TRAIN_3D = "bundles/unet3d/configs/train.yaml"
@@ -180,7 +180,7 @@ def test_without_validation_model_pt_is_the_last_epoch(tmp_path: Path) -> None:
     assert saved == [True, True, True]
     metrics = read_metrics(tmp_path)
     assert metrics["epochs"] == 3 and metrics["best_mean_dice"] is None and metrics["best_epoch"] is None
-    assert metrics["validation"] == handlers.NO_VALIDATION and metrics["model_weights"] == "last epoch"
+    assert metrics["validation"] == training_report.NO_VALIDATION and metrics["model_weights"] == "last epoch"
     assert (tmp_path / "learning_curve.png").is_file()
 
 
@@ -189,8 +189,8 @@ def test_learning_curve_png_drawn_at_most_every_plot_interval(tmp_path: Path, mo
     the end; the CSV and metrics.json still follow every epoch."""
     network = torch.nn.Linear(2, 2)
     now = [0.0]
-    monkeypatch.setattr(handlers.time, "perf_counter", lambda: now[0])
-    monkeypatch.setattr(handlers, "PLOT_INTERVAL_S", 12.0)
+    monkeypatch.setattr(training_report.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(training_report, "PLOT_INTERVAL_S", 12.0)
     trainer = Engine(lambda engine, batch: {"loss": 0.5})
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: now.__setitem__(0, now[0] + 5.0))  # 5 s epochs
     evaluator = Engine(lambda engine, batch: None)
@@ -211,7 +211,7 @@ def test_a_step_is_timed_until_its_loss_is_read(tmp_path: Path, monkeypatch: pyt
     step's time includes that read (a loss that takes 3 s of a fake clock to read), so ``overhead_share`` is only
     what lies outside the steps."""
     now = [0.0]
-    monkeypatch.setattr(handlers.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(training_report.time, "perf_counter", lambda: now[0])
 
     class QueuedLoss:
         def __float__(self) -> float:
@@ -276,7 +276,7 @@ def test_num_folds_1_trains_on_every_case_and_keeps_the_last_weights(dataset3d: 
         assert mode(run / name) == 0o640, name
     metrics = read_metrics(run)
     assert metrics["epochs"] == 2 and metrics["best_mean_dice"] is None
-    assert metrics["validation"] == handlers.NO_VALIDATION and metrics["model_weights"] == "last epoch"
+    assert metrics["validation"] == training_report.NO_VALIDATION and metrics["model_weights"] == "last epoch"
     readme = (run / "docs" / "README.md").read_text()
     assert "split: every case (num_folds 1), 8 training and 0 validation cases" in readme
     assert "`models/model.pt` holds the last epoch's weights" in readme

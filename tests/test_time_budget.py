@@ -8,7 +8,8 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.handlers import ResumableCheckpoint, TimeBudget
+from custom_components.checkpoint import ResumableCheckpoint
+from custom_components.stopping import TimeBudget
 from tests.conftest import SMALL_3D, read_metrics, run_bundle
 
 TRAIN_3D = "bundles/unet3d/configs/train.yaml"

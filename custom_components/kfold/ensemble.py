@@ -23,8 +23,8 @@ from monai.data import DataLoader, Dataset
 from monai.engines import EnsembleEvaluator
 from monai.transforms import Activationsd, Compose, MeanEnsembled, SaveImaged
 
+from custom_components.checkpoint import MODEL_FILE
 from custom_components.data import DatasetError, case_id, check_datalist, list_images, load_dataset_json
-from custom_components.handlers import MODEL_FILE
 from custom_components.imageio import read_image
 from custom_components.kfold.evaluation import dice_scores, label_dice
 from custom_components.kfold.layout import (

@@ -50,7 +50,9 @@ def _configurations(value: Any) -> bool:
     )
 
 
-# select.json: the selection's options (compared on a restart) and each bundle's plan (handed to its folds)
+# each bundle's plan, held by select.json (handed to its folds) and selection.json (read by `kfold predict`)
+PLANS_FIELD: Field = ("an object of bundle names to their planned keys", _plans)
+# select.json: the selection's options (compared on a restart) and each bundle's plan
 SELECT_FIELDS: dict[str, Field] = {
     "bundles": ("an object of bundle names to folders", _bundle_names),
     "dataset_dir": ("a folder path", is_text),
@@ -59,14 +61,14 @@ SELECT_FIELDS: dict[str, Field] = {
     "overrides": ("an object of --set keys", is_mapping),
     "time_budget_min": ("minutes or null", optional(is_number)),
     "memory_gb": ("gigabytes", is_number),
-    "plans": ("an object of bundle names to their planned keys", _plans),
+    "plans": PLANS_FIELD,
 }
 # selection.json: what `kfold predict` reads of it
 SELECTION_FIELDS: dict[str, Field] = {
     "winner": ("a configuration name", is_name),
     "ranking": ("a list of configuration names", is_names),
     "configurations": ("an object of configuration names to their members", _configurations),
-    "plans": ("an object of bundle names to their planned keys", _plans),
+    "plans": PLANS_FIELD,
 }
 
 
