@@ -9,7 +9,7 @@ once into ``OUT/plan_cache`` before the first run, outside the budget) with ``ti
 set. Uniform draws the two lesion cases in 2/12 of the draws, balanced in 4/9 (``sampling.balanced_weights``).
 A run whose result is in ``case_sampling.json`` is kept (a killed benchmark resumes). Run from the repository root:
 
-    python benchmarks/case_sampling.py [--minutes 3] [--seeds 0 1 2] [--out runs/bench_case_sampling]
+    python benchmarks/case_sampling.py [--minutes 3 | --epochs N] [--seeds 0 1 2] [--out runs/bench_case_sampling]
 
 Writes ``case_sampling.md`` and ``case_sampling.json`` into ``--out``.
 """
@@ -50,16 +50,34 @@ def prepare_data(out: Path) -> tuple[Path, Path]:
     return dataset, splits
 
 
-def start_runs(out: Path, runs: int, minutes: float) -> Path:
-    """The output folder (made), warnings off, and the estimated time of ``runs`` runs of ``minutes`` printed."""
+def add_budget(parser: argparse.ArgumentParser, minutes: float) -> None:
+    """``--minutes`` (each run's ``time_budget_min``) or ``--epochs`` (its ``max_epochs``)."""
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=minutes, help="training budget of each run (time_budget_min)")
+    budget.add_argument(
+        "--epochs", type=int, help="train each run this many epochs (max_epochs): the same work on a busy machine"
+    )
+
+
+def budget(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The bundle keys of each run's budget and the budget in words."""
+    if args.epochs:
+        return {"max_epochs": args.epochs}, f"{args.epochs} epochs of training (`max_epochs`)"
+    return {"time_budget_min": args.minutes}, f"{args.minutes:g} min of training (`time_budget_min`)"
+
+
+def start_runs(out: Path, runs: int, args: argparse.Namespace) -> Path:
+    """The output folder (made), warnings off, and the runs to come with their estimated time printed."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore")
-    print(
-        f"{runs} runs of {minutes:g} min: about {runs * (minutes + START_MIN) + PLAN_MIN:.0f} min "
-        f"(each run {START_MIN:g} min outside its budget, {PLAN_MIN:g} min to plan first)",
-        flush=True,
+    estimate = (
+        f": about {runs * (args.minutes + START_MIN) + PLAN_MIN:.0f} min (each run {START_MIN:g} min outside its "
+        f"budget, {PLAN_MIN:g} min to plan first)"
+        if not args.epochs
+        else ""
     )
+    print(f"{runs} runs of {budget(args)[1]}{estimate}", flush=True)
     return out
 
 
@@ -95,16 +113,17 @@ def table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], seeds: Sequenc
 def main(argv: Sequence[str] | None = None) -> None:
     """Train every variant with every seed, print the table and write the report files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=3.0, help="training budget of each run (time_budget_min)")
+    add_budget(parser, 3.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (weights and draws)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_case_sampling"), help="data, runs, results")
     args = parser.parse_args(argv)
-    out = start_runs(args.out, len(CASE_SAMPLING) * len(args.seeds), args.minutes)
+    out = start_runs(args.out, len(CASE_SAMPLING) * len(args.seeds), args)
+    budget_keys, budget_words = budget(args)
     start = time.perf_counter()
     dataset, splits = prepare_data(out)
     state_file = out / "case_sampling.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    results: dict[str, dict[str, Any]] = state.get("results", {}) if state.get("minutes") == args.minutes else {}
+    results: dict[str, dict[str, Any]] = state.get("results", {}) if state.get("budget") == budget_words else {}
     peak = conv_peak(3)
     print(f"conv peak {peak['gflop_per_s']:.1f} GFLOP/s", flush=True)
     configs = [REPO_ROOT / "bundles" / "unet3d" / "configs" / "train.yaml"]
@@ -113,11 +132,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             if str(seed) in results.setdefault(variant, {}):
                 continue  # finished in an earlier run of this benchmark
             keys = {**RUN_KEYS, "dataset_dir": str(dataset), "splits_file": str(splits), "seed": seed}
-            keys.update(plan_cache_dir=str(out / "plan_cache"), time_budget_min=args.minutes, case_sampling=variant)
+            keys.update(plan_cache_dir=str(out / "plan_cache"), case_sampling=variant, **budget_keys)
             run = train(configs, keys, out / "runs" / f"{variant}_s{seed}")
             results[variant][str(seed)] = run
             print(f"{variant}, seed {seed}: Dice per class {run['best_dice_per_class']}, {run['epochs']} epochs")
-            atomic_write_json({"minutes": args.minutes, "results": results}, state_file)
+            atomic_write_json({"budget": budget_words, "results": results}, state_file)
     info = machine()
     command = " ".join(["python benchmarks/case_sampling.py", *(sys.argv[1:] if argv is None else argv)])
     report = "\n\n".join(
@@ -125,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"Command: {command} ({(time.perf_counter() - start) / 60:.0f} min)",
             table(results, args.seeds),
             "Cells: the kept model's validation Dice (best mean Dice) on the 4 validation cases, each with lesions, "
-            f"after {args.minutes:g} min of training (`time_budget_min`); mean ± sample standard deviation over seeds "
+            f"after {budget_words}; mean ± sample standard deviation over seeds "
             f"{', '.join(map(str, args.seeds))}; the lesion class is in 2 of the {TRAINING} training cases. "
             f"Against the first: the mean over seeds of the lesion Dice's difference from uniform with the same seed.",
             machine_text(info, peak, WORKERS),
@@ -133,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(report)
     (out / "case_sampling.md").write_text(report + "\n")
-    atomic_write_json({"minutes": args.minutes, "results": results, "conv_peak": peak, "machine": info}, state_file)
+    atomic_write_json({"budget": budget_words, "results": results, "conv_peak": peak, "machine": info}, state_file)
 
 
 if __name__ == "__main__":

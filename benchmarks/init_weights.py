@@ -9,7 +9,8 @@ compares the three inits on the same split. The bundle's default network is ``un
 init; the epoch of first reaching the target is as fine as ``--val-interval`` (the bundle's 5 unless set). A run whose
 result is in ``init_weights.json`` is kept (a killed benchmark resumes). Run from the repository root:
 
-    python benchmarks/init_weights.py [--minutes 1.2] [--seeds 0 1 2] [--target 0.8] [--out runs/bench_init_weights]
+    python benchmarks/init_weights.py [--minutes 1.2 | --epochs N] [--seeds 0 1 2] [--target 0.8]
+        [--out runs/bench_init_weights]
 
 Writes ``init_weights.md`` and ``init_weights.json`` into ``--out``.
 """
@@ -27,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from case_sampling import spread, start_runs
+from case_sampling import add_budget, budget, spread, start_runs
 from dice_per_minute import RUN_KEYS, WORKERS, train
 from throughput import conv_peak, machine, machine_text
 
@@ -84,19 +85,20 @@ def table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], seeds: Sequenc
 def main(argv: Sequence[str] | None = None) -> None:
     """Train every init with every seed, print the table and write the report files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=float(makefile_value("TRAIN_MINUTES")), help="each run")
+    add_budget(parser, float(makefile_value("TRAIN_MINUTES")))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (split, weights, draws)")
     parser.add_argument("--target", type=float, default=0.8, help="the validation mean Dice to reach")
     parser.add_argument("--val-interval", type=int, help="validate every this many epochs (default: the bundle's)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_init_weights"), help="data, runs, results")
     args = parser.parse_args(argv)
-    out = start_runs(args.out, len(INITS) * len(args.seeds), args.minutes)
+    out = start_runs(args.out, len(INITS) * len(args.seeds), args)
+    budget_keys, budget_words = budget(args)
     start = time.perf_counter()
     cases = int(makefile_value("TRAIN_CASES"))
     dataset = out / "data"
     if not (dataset / "dataset.json").is_file():
         write_dataset(dataset, cases=cases, seed=0)  # `make train`'s: custom_components.synthetic --seed 0
-    setup = {"minutes": args.minutes, "val_interval": args.val_interval}
+    setup = {"budget": budget_words, "val_interval": args.val_interval}
     state_file = out / "init_weights.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     results: dict[str, dict[str, Any]] = state.get("results", {}) if state.get("setup") == setup else {}
@@ -109,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if str(seed) in results.setdefault(init, {}):
                 continue  # finished in an earlier run of this benchmark
             keys = {**RUN_KEYS, **extra, "dataset_dir": str(dataset), "seed": seed, "init": init}
-            keys.update(plan_cache_dir=str(out / "plan_cache"), time_budget_min=args.minutes)
+            keys.update(plan_cache_dir=str(out / "plan_cache"), **budget_keys)
             run_dir = out / "runs" / f"{init}_s{seed}"
             results[init][str(seed)] = {**train(configs, keys, run_dir), "run_dir": str(run_dir)}
             print(f"{init}, seed {seed}: final Dice {results[init][str(seed)]['last_mean_dice']:.3f}", flush=True)
@@ -124,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"Command: {command} ({(time.perf_counter() - start) / 60:.0f} min)",
             table(results, args.seeds, args.target),
             f"`make train`'s data ({cases} cases, seed 0; fold 0 of 5, each seed its own split) and recipe (plan auto) "
-            f"with {args.minutes:g} min of training (`time_budget_min`), validated every "
+            f"with {budget_words}, validated every "
             f"{args.val_interval or 'val_interval (5)'} epochs. Epochs to {args.target:g}: the first validation with "
             f"a mean Dice of at least {args.target:g} (seconds: the run's wall_time_s at that epoch); final: the last, "
             "annealed epoch's validation; mean ± sample standard deviation over seeds "

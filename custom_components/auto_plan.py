@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,18 +161,21 @@ def _budgets(values: Mapping[str, Any], device: str) -> tuple[float, float, str]
     return memory, gflop, fix
 
 
-def planned_values(values: Mapping[str, Any], bundle: Path, device: Callable[[], Any]) -> dict[str, Any]:
+def planned_values(
+    values: Mapping[str, Any], bundle: Path, device: Callable[[], Any], chosen: Collection[str] = ()
+) -> dict[str, Any]:
     """With ``plan: auto``, the plan's values for the planned keys still at the bundle's defaults in ``values`` (the
     settings after the plan file and the user's keys) of the bundle folder ``bundle``, training on ``device()``;
-    logs which keys came from the plan and which the user set. Raises ``AutoPlanError`` (or the dataset's
-    ``DatasetError``) with the reason and the key to set when no plan can be made."""
+    logs which keys came from the plan and which the user set. ``chosen`` keys count as set even at a default value
+    (those a plan file gives). Raises ``AutoPlanError`` (or the dataset's ``DatasetError``) with the reason and the
+    key to set when no plan can be made."""
     if values.get(PLAN_MODE_KEY) != "auto":
         return {}
     configs = BundleConfigs.read(bundle)
     config_file = configs.folder / "train.yaml"
 
     def own(key: str) -> bool:
-        return key not in values or any(values[key] == value for value in configs.own(key))
+        return key not in chosen and (key not in values or any(values[key] == value for value in configs.own(key)))
 
     where = str(device())
     keys = plan_keys(config_file, values, where)

@@ -37,7 +37,12 @@ def _xavier(weight: torch.Tensor) -> None:
 
 # the `init` key's choices: how a convolution's weight is drawn (None: the network's own init left as it is)
 INITS: dict[str, Callable[[torch.Tensor], None] | None] = {"default": None, "kaiming": _kaiming, "xavier": _xavier}
-NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # batch and instance norms share _NormBase
+# torch's public classes (their common bases, _ConvNd and _NormBase, are private)
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm,
+)  # fmt: skip
 
 
 def initialise(network: nn.Module, init: str) -> nn.Module:
@@ -52,7 +57,7 @@ def initialise(network: nn.Module, init: str) -> nn.Module:
         return network
     with torch.no_grad():
         for module in network.modules():
-            if isinstance(module, nn.modules.conv._ConvNd):
+            if isinstance(module, CONVOLUTIONS):
                 draw(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

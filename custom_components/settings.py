@@ -401,7 +401,8 @@ def check_workflow(config: str) -> None:
 
         try:
             device = functools.partial(workflow.parser.get_parsed_content, "device")
-            planned = planned_values({**values, **applied, **checked.converted}, root, device)
+            from_file = {id.split("#")[0] for id in applied}  # a plan file's keys are set, even at a default
+            planned = planned_values({**values, **applied, **checked.converted}, root, device, from_file)
         except (AutoPlanError, DatasetError) as err:
             logger.error("%s", err)
             sys.exit(f"error: {err}")

@@ -268,7 +268,9 @@ def test_plan_on_known_data(tmp_path: Path) -> None:
     # folder writes every planned value as the literal it trained with
     run = tmp_path / "run"
     quick = {"max_epochs": 1, "num_workers": 0, "progress_bar": False, "report": False, "output_dir": run}
-    run_bundle("bundles/unet3d/configs/train.yaml", {"plan_file": path, **quick})
+    trained_log = run_bundle("bundles/unet3d/configs/train.yaml", {"plan_file": path, **quick})
+    # the plan file's keys count as set, its batch_size 2 too (the bundle's default): plan auto makes no plan
+    assert "plan auto: every planned key is set" in trained_log.stdout + trained_log.stderr
     trained = yaml.safe_load((run / "configs/train.yaml").read_text().split("# Wiring:")[0])
     for key in ("spacing", "intensity", "class_weights", "patch_size", "batch_size", "channels", "dataset_dir"):
         assert trained[key] == plan[key], key
