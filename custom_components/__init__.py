@@ -12,8 +12,10 @@ import importlib
 from collections.abc import Callable, Mapping
 
 __all__ = [
+    "augmentation",
     "bundle",
     "data",
+    "data_device",
     "evaluation",
     "handlers",
     "inference",

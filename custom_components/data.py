@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import psutil
+import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from custom_components.bundle import expression_ids
@@ -186,15 +187,20 @@ def make_dataset(
     spacing: Sequence[float] | None = None,
     num_workers: int = 0,
     memory_fraction: float = 0.5,
+    cache_device: torch.device | None = None,
 ) -> Dataset:
     """A cached dataset that fits: RAM (``CacheDataset``) when the estimate fits, else a disk cache.
 
     MONAI's CacheDataset fills memory until the OS kills the process (``exit code -9``). Here the cache size is
     estimated from the headers first; if ``cache_rate`` of it exceeds ``memory_fraction`` of the available
-    memory, a ``PersistentDataset`` in ``cache_dir`` is used instead and a warning says so.
+    memory, a ``PersistentDataset`` in ``cache_dir`` is used instead and a warning says so. With ``cache_device``
+    (``data_device``'s device path, whose ``transform`` moves the cases there) the cache is a ``CacheDataset`` on that
+    device, whose room ``data_device.read_data_device`` checked.
     """
     if cache_rate <= 0:
         return Dataset(data=data, transform=transform)
+    if cache_device is not None:
+        return CacheDataset(data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers or None)
     needed = estimate_cache_bytes(data, spacing) * cache_rate
     available = psutil.virtual_memory().available * memory_fraction
     if needed > available:

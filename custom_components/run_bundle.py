@@ -27,6 +27,7 @@ from custom_components.config_text import flow, freeze, plain, user_keys
 from custom_components.data import case_id
 from custom_components.networks import total_downsampling
 from custom_components.run_files import atomic_write_bytes, atomic_write_json
+from custom_components.settings_declarations import as_parsed
 from custom_components.training_report import TrainingReport
 
 CONFIGS = ("train", "inference", "evaluate", "multi_gpu_train")  # the bundle's workflows, each copied if present
@@ -325,6 +326,7 @@ RESULT_NEUTRAL = (
     "log_every_iteration",
     "cache_rate",
     "num_workers",
+    "data_device",
     "checkpoint_interval_min",
     "report",
     "save_probabilities",
@@ -467,7 +469,18 @@ def resume_problem(
     first = _verdict(_differences(stored, now(literal), defaults), extend, run, stored_file)  # before anything is read
     if first:
         return first
-    return _verdict(_differences(stored, now(list(ids)), defaults), extend, run, stored_file)
+    values = now(list(ids))
+    # a key the run lacks whose default the bundle computes (an aug_ key from the `augmentation` preset) counts as
+    # that default too, when this start leaves it at its default
+    computed = {
+        key: value
+        for key, value in values.items()
+        if key not in stored
+        and key in own
+        and not _literal(own[key])
+        and parser.get(key) in (own[key], as_parsed(key, own[key]))  # as written, or as the parser holds it
+    }
+    return _verdict(_differences(stored, values, {**defaults, **computed}), extend, run, stored_file)
 
 
 def check_resume(

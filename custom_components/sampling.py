@@ -88,9 +88,10 @@ class EpochSeededSampler(torch.utils.data.Sampler[tuple[int, int]]):
     the permutations above (equal weights draw each case as often, in other orders).
 
     Its length is one epoch of this process (the trainer's epoch length). Not ending, the loader's iterator lives
-    across epochs (the trainer continues it), so the workers prepare the next epoch's first batches during this
-    epoch's end and validation instead of after them. The order is not drawn from torch's global generator (as a
-    shuffling ``DataLoader`` does), which the start of a loader's workers also draws from.
+    across epochs (the trainer continues it), so the workers (on ``data_device``'s device path, the thread of MONAI's
+    ``ThreadDataLoader``) prepare the next epoch's first batches during this epoch's end and validation instead of
+    after them. The order is not drawn from torch's global generator (as a shuffling ``DataLoader`` does), which the
+    start of a loader's workers also draws from.
     """
 
     def __init__(

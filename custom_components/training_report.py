@@ -68,6 +68,9 @@ class TrainingReport:
         # that did not record it)
         self.iteration_time: float | None = 0.0
         self._iteration_start = 0.0
+        # seconds in the evaluator's runs (validation), likewise None when a resumed checkpoint did not record it
+        self.validation_time: float | None = 0.0
+        self._validation_start = 0.0
         self._loss_sum = 0.0
         self._loss_count = 0
         self._epoch_start = 0.0
@@ -86,6 +89,7 @@ class TrainingReport:
             "wall_time": self.wall_time,
             "iterations": self.iterations,
             "iteration_time": self.iteration_time,
+            "validation_time": self.validation_time,
             "stopped": self.stopped,
             "training_time": self.training_time,
         }
@@ -96,6 +100,7 @@ class TrainingReport:
         self.wall_time = float(state["wall_time"])
         self.iterations = int(state["iterations"])
         self.iteration_time = state.get("iteration_time")
+        self.validation_time = state.get("validation_time")
         self.stopped = state.get("stopped")
         self._time_before = self.training_time = float(state.get("training_time", state["wall_time"]))
 
@@ -107,6 +112,7 @@ class TrainingReport:
         engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.TERMINATE, self._terminated)
+        self.evaluator.add_event_handler(Events.STARTED, self._validation_started)
         self.evaluator.add_event_handler(Events.COMPLETED, self._validated)
 
     def _started(self, engine: Engine) -> None:
@@ -133,8 +139,13 @@ class TrainingReport:
         if self.iteration_time is not None:
             self.iteration_time += time.perf_counter() - self._iteration_start
 
+    def _validation_started(self, evaluator: Engine) -> None:
+        self._validation_start = time.perf_counter()
+
     def _validated(self, evaluator: Engine) -> None:
         self._last_val_epoch = evaluator.state.epoch  # the evaluator's epoch mirrors the trainer's
+        if self.validation_time is not None:
+            self.validation_time += time.perf_counter() - self._validation_start
 
     def _epoch_completed(self, engine: Engine) -> None:
         epoch = engine.state.epoch
@@ -171,6 +182,12 @@ class TrainingReport:
             return None
         return round(1 - self.iteration_time / self.training_time, 4)
 
+    def _validation_share(self) -> float | None:
+        """Time in validations / training time; None before training or when a resumed checkpoint lacked it."""
+        if self.validation_time is None or not self.training_time:
+            return None
+        return round(self.validation_time / self.training_time, 4)
+
     def _dice_per_class(self, row: Mapping[str, Any]) -> dict[str, float]:
         return {name: row[f"dice_{name}"] for name in self.class_names if f"dice_{name}" in row}
 
@@ -201,6 +218,8 @@ class TrainingReport:
             # the share of training_time_s outside the iterations' steps (forward, loss, backward, optimiser step):
             # waits for data, validation, checkpoints, epoch ends
             "overhead_share": self._overhead_share(),
+            # the part of it that validation took (the evaluator's runs; validated every val_interval epochs)
+            "validation_share": self._validation_share(),
             "peak_memory_mb": round(peak_mb, 1),
             "memory_kind": "cuda_allocated" if torch.device(device).type == "cuda" else "process_rss",
             "parameters": sum(p.numel() for p in self.network.parameters()),

@@ -150,6 +150,10 @@ def test_resume_is_faithful_or_refused(
     (run / "configs/train.yaml").write_text(stored.replace("\niterations_per_epoch: null", "\n"))
     assert _problem(run, dataset3d) is None
     assert "iterations_per_epoch: null -> 4" in _problem(run, dataset3d, iterations_per_epoch=4)
+    # also when the bundle computes that default (an aug_ key from the `augmentation` preset)
+    (run / "configs/train.yaml").write_text(stored.replace("\naug_blur_prob: 0.0", "\n"))
+    assert _problem(run, dataset3d) is None
+    assert "aug_blur_prob: (not set) -> 0.5" in _problem(run, dataset3d, aug_blur_prob=0.5)
 
     # what training derives from dataset.json is compared once resolved (still before any case is read)
     (run / "configs/train.yaml").write_text(stored.replace("\nnum_classes: 3", "\nnum_classes: 4"))
