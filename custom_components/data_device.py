@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from custom_components.data import estimate_cache_bytes
+from custom_components.step_measure import gib
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ def check_data_device(data_device: str, device: str | torch.device) -> None:
         sys.exit(f"error: {problem}")
 
 
-def _gib(size: float) -> str:
-    return f"{size / 2**30:.2f} GiB"
-
-
 def decide(
     data_device: str, device: str | torch.device, cache_bytes: float, cache_rate: float, free_bytes: int | None
 ) -> Placement:
@@ -90,7 +87,7 @@ def decide(
             raise DataDeviceError(f"data_device = cuda: device is {device}; set data_device to auto or cpu")
         if free_bytes is not None and cache_bytes > free_bytes:
             raise DataDeviceError(
-                f"data_device = cuda: the cache needs about {_gib(cache_bytes)}, more than the {_gib(free_bytes)} "
+                f"data_device = cuda: the cache needs about {gib(cache_bytes)}, more than the {gib(free_bytes)} "
                 f"free on {device}; lower cache_rate, or set data_device to auto or cpu (cache in RAM)"
             )
         return Placement(device, "as set")
@@ -101,7 +98,7 @@ def decide(
     limit = GPU_CACHE_SHARE * (free_bytes or 0)
     fits = cache_bytes <= limit
     verdict = "within" if fits else "over"
-    reason = f"the cache, about {_gib(cache_bytes)}, is {verdict} {GPU_CACHE_SHARE:.0%} of {_gib(free_bytes or 0)} free"
+    reason = f"the cache, about {gib(cache_bytes)}, is {verdict} {GPU_CACHE_SHARE:.0%} of {gib(free_bytes or 0)} free"
     return Placement(device if fits else None, reason)
 
 
