@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 __all__ = [
     "augmentation",
     "bundle",
+    "cascade",
     "data",
     "data_device",
     "evaluation",

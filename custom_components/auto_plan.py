@@ -12,9 +12,10 @@ rest around it.
 The plan and the fingerprint it rests on are cached as one JSON file in ``plan_cache_dir`` (by default the user's
 cache folder, never the dataset folder, which may be read-only), named by a hash of everything the plan depends on:
 the dataset's ``dataset.json`` and the names, sizes and modification times of its training files, the bundle's
-``train.yaml``, the device and budgets, and the user's keys. A second run, every K-fold fold and sweep trial on the
-same data then reads the plan instead of making it; processes planning at once (the ranks of a multi-GPU run,
-parallel folds) take turns on a lock, so all use one plan. A run resumed in its own folder takes the values its
+``train.yaml``, the device and budgets, and the user's keys (``resolution: coarse`` among them: a coarse run never
+gets a full-resolution plan, nor the reverse). A second run, every K-fold fold and sweep trial on the same data
+then reads the plan instead of making it; processes planning at once (the ranks of a multi-GPU run, parallel folds)
+take turns on a lock, so all use one plan. A run resumed in its own folder takes the values its
 ``configs/train.yaml`` stored and never plans again. The cache file is read as data (JSON), and its values are checked
 with every other setting.
 """
@@ -51,6 +52,9 @@ STEP_KEYS = (
     "deep_supervision", "num_samples", "loss", "optimizer", "amp", "channels_last", "num_folds", "slice_axis",
     "context_slices",
 )  # fmt: skip
+# the keys that change what the plan chooses without being planned (`resolution: coarse`, a coarser spacing): passed
+# to it with the step's keys, and so part of the cache's identity
+CHOICE_KEYS = ("resolution",)
 MEMORY_SHARE_KEY = "plan_memory_share"
 CPU_STEP_KEY = "plan_cpu_step_gflop"
 CACHE_KEY = "plan_cache_dir"
@@ -184,7 +188,7 @@ def planned_values(
     if not left:
         logger.info("%s auto: every planned key is set (%s): nothing to plan", PLAN_MODE_KEY, ", ".join(fixed))
         return {}
-    user = {key: values[key] for key in STEP_KEYS if not own(key) and key not in fixed}
+    user = {key: values[key] for key in STEP_KEYS + CHOICE_KEYS if not own(key) and key not in fixed}
     plan = auto_plan(values, left, fixed, user, config_file, where)
     logger.info(
         "%s auto: %s from %s%s",
@@ -208,7 +212,8 @@ def auto_plan(
     ``device``: the stored ones of a resumed run, else the cached plan, else a plan made now and cached.
 
     ``fixed``: the planned keys the user set (kept; the plan fits around them); ``user``: the other keys the user
-    set, which the step is measured with (a smaller ``channels``, another ``loss``).
+    set, which the step is measured with (a smaller ``channels``, another ``loss``) or the plan made for
+    (``resolution``).
     """
     stored = stored_values(values.get("output_dir"), left)
     if stored is not None and set(left) <= set(stored):

@@ -1,7 +1,8 @@
 """A training plan from a dataset fingerprint, written as a config override file the bundles read.
 
 Target spacing and intensity scheme follow nnU-Net's rules, and so do DynUNet's strides and kernels per axis
-(``architecture: dynunet``); class weights come from the voxel share of each class.
+(``architecture: dynunet``) and the spacing of ``resolution: coarse`` (its ``3d_lowres``,
+:mod:`custom_components.coarse_plan`); class weights come from the voxel share of each class.
 Patch and batch size are chosen so that one training step (forward, loss, backward, optimiser step) of the
 bundle's own network fits a memory budget (and, on CPU, a time budget): each candidate is measured, never only
 estimated (:mod:`custom_components.step_measure`). ``prepare plan`` writes a plan file; a training run with ``plan:
@@ -10,6 +11,7 @@ auto`` fits one itself (:mod:`custom_components.auto_plan`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import psutil
 import yaml
 from monai.bundle import ConfigParser
 
+from custom_components.coarse_plan import Layout, coarse_layout, coverage
 from custom_components.data import check_datalist, first_image_dims, load_dataset_json
 from custom_components.fingerprint import compute_fingerprint
 from custom_components.paths import REPO_ROOT
@@ -153,27 +156,25 @@ def _line(low: float, high: float | None, x_low: float, x_high: float) -> tuple[
     return low - slope * x_low, slope
 
 
-def choose_patch_and_batch(
+def step_judge(
     candidates: Sequence[tuple[int, ...]],
     budget: float,
     measure: Callable[[tuple[int, ...], int], int | None],
-    max_batch: int,
+    first_batch: int,
     machine_limit: float = math.inf,
     *,
     step_gflop: Callable[[tuple[int, ...], int], float] | None = None,
     gflop_budget: float = math.inf,
-    batch_size: int | None = None,
     fix: str = "raise --memory-gb",
-) -> StepChoice:
-    """The largest patch (candidates run largest first) whose step fits ``budget`` bytes (and ``gflop_budget``
-    GFLOP, counted by ``step_gflop``) at batch 2, then the largest batch up to ``max_batch`` that still fits; all
-    measured. A ``batch_size`` given is kept: the patch is chosen at it, and no batch is searched.
+) -> tuple[Callable[[tuple[int, ...], int], bool], float]:
+    """Whether the step of a candidate (largest first) at a batch fits ``budget`` bytes (and ``gflop_budget`` GFLOP,
+    counted by ``step_gflop``), and the bytes a patch voxel adds to a step at ``first_batch`` (the line's slope).
 
     A line through two measured steps (the smallest candidate and one near the geometric middle, neither
     depending on the budget) predicts each candidate's memory and FLOPs, so that only candidates predicted within
-    25% of the budgets, and within ``machine_limit``, are measured: a larger budget never gives a smaller patch.
+    25% of the budgets, and within ``machine_limit``, are measured. Raises ``PlanError`` (naming ``fix``) when the
+    smallest candidate does not fit at ``first_batch``.
     """
-    first_batch = MIN_BATCH if batch_size is None else batch_size
     smallest = candidates[-1]
     low = measure(smallest, first_batch)
     if low is None or low > budget:
@@ -210,9 +211,40 @@ def choose_patch_and_batch(
             return False
         return not counted or step_gflop(patch, batch) <= gflop_budget
 
-    patch = next((p for p in candidates if fits(p, first_batch)), smallest)  # the smallest fits: measured above
+    return fits, slope
+
+
+def choose_patch_and_batch(
+    candidates: Sequence[tuple[int, ...]],
+    budget: float,
+    measure: Callable[[tuple[int, ...], int], int | None],
+    max_batch: int,
+    machine_limit: float = math.inf,
+    *,
+    step_gflop: Callable[[tuple[int, ...], int], float] | None = None,
+    gflop_budget: float = math.inf,
+    batch_size: int | None = None,
+    fix: str = "raise --memory-gb",
+) -> StepChoice:
+    """The largest patch (candidates run largest first) whose step fits ``budget`` bytes (and ``gflop_budget``
+    GFLOP, counted by ``step_gflop``) at batch 2, then the largest batch up to ``max_batch`` that still fits; all
+    measured, as :func:`step_judge` judges them (a larger budget never gives a smaller patch). A ``batch_size``
+    given is kept: the patch is chosen at it, and no batch is searched.
+    """
+    first_batch = MIN_BATCH if batch_size is None else batch_size
+    fits, slope = step_judge(
+        candidates,
+        budget,
+        measure,
+        first_batch,
+        machine_limit,
+        step_gflop=step_gflop,
+        gflop_budget=gflop_budget,
+        fix=fix,
+    )
+    patch = next((p for p in candidates if fits(p, first_batch)), candidates[-1])  # the smallest fits: measured
     fitting, failing = first_batch, (first_batch + 1 if batch_size is not None else max_batch + 1)
-    per_volume = slope * voxels[patch] / first_batch
+    per_volume = slope * float(np.prod(patch)) / first_batch
     guess = first_batch + int((budget - measure(patch, first_batch)) // per_volume) if per_volume > 0 else max_batch
     batch = min(max(guess, first_batch + 1), max_batch)
     while fitting + 1 < failing:
@@ -299,7 +331,9 @@ def fit_plan(
     for the network they name. ``fixed`` are planned keys already decided (a user's ``patch_size``): kept, and the
     rest fitted around them. For ``architecture`` dynunet the plan also decides the network's strides, kernel sizes
     and channels (``dynunet_plan``). The patch never exceeds the largest case by a divisor of the network or more
-    along any axis. ``fix`` tells how to raise the budget when even the smallest step does not fit.
+    along any axis. ``fix`` tells how to raise the budget when even the smallest step does not fit. With the bundle
+    key ``resolution: coarse`` the spacing is the first one coarser than full resolution at which the median volume
+    is one step within the budgets (:mod:`custom_components.coarse_plan`), unless ``spacing`` is fixed.
     """
     root = Path(dataset_dir).resolve()
     user, fixed = dict(user or {}), dict(fixed or {})
@@ -317,6 +351,7 @@ def fit_plan(
     known = {"num_classes": num_classes, "in_channels": len(description["modality"])}
     parser = bundle_parser(config_file, {**user, **known, **planned, **fixed})
     architecture, num_samples = parser.get_parsed_content("architecture"), parser.get_parsed_content("num_samples")
+    resolution = parser.get_parsed_content("resolution", default="full")  # the 3D bundle's alone
     num_folds = parser.get_parsed_content("num_folds")
     slice_axis = parser.get_parsed_content("slice_axis") if dim == 2 and image_dims == 3 else None
 
@@ -328,25 +363,32 @@ def fit_plan(
         target = target_spacing(spacings, shapes)
         if slice_axis is not None:
             target[slice_axis] = -1.0  # the 2D bundle keeps the native spacing across the slices
-    planned["spacing"] = [round(float(s), 4) for s in target]
-    resampled = shapes * spacings / np.where(target > 0, target, spacings)
     axes = [axis for axis in range(image_dims) if axis != slice_axis]
-    median, largest = np.median(resampled, axis=0)[axes], resampled.max(axis=0)[axes]
-    if architecture == "dynunet" and not set(DYNUNET_PLANNED_KEYS) & set(fixed):
-        channels = parser.get_parsed_content("channels")  # its topology from spacing and median size
-        planned.update(architecture=architecture, **dynunet_plan(target[axes], median, channels))
-    elif cpu_network(device, {**user, **fixed}):
-        planned.update(cpu_unet(target[axes], median))
-    strides = planned.get("strides", parser.get_parsed_content("strides"))
-    if "patch_size" in fixed:
-        candidates = [tuple(int(n) for n in fixed["patch_size"])]
-    else:
-        candidates = patch_candidates(median, divisibility(strides, dim), largest)
-    train_cases = len(datalist) - len(datalist) // max(num_folds, 1)
-    voxels_per_step = float(np.prod(candidates[0])) * num_samples
-    max_batch = max(
-        MIN_BATCH, min(train_cases, int(BATCH_DATASET_FRACTION * resampled.prod(axis=1).sum() / voxels_per_step))
-    )
+    plans_dynunet = architecture == "dynunet" and not set(DYNUNET_PLANNED_KEYS) & set(fixed)
+    plans_cpu_unet = not plans_dynunet and cpu_network(device, {**user, **fixed})
+
+    def layout(spacing: np.ndarray) -> Layout:
+        resampled = shapes * spacings / np.where(spacing > 0, spacing, spacings)
+        median, largest = np.median(resampled, axis=0)[axes], resampled.max(axis=0)[axes]
+        network: dict[str, Any] = {}
+        if plans_dynunet:  # its topology from spacing and median size
+            channels = parser.get_parsed_content("channels")
+            network = {"architecture": architecture, **dynunet_plan(spacing[axes], median, channels)}
+        elif plans_cpu_unet:
+            network = cpu_unet(spacing[axes], median)
+        divisor = divisibility(network.get("strides", parser.get_parsed_content("strides")), dim)
+        candidates = patch_candidates(median, divisor, largest)
+        return Layout(spacing, median, float(resampled.prod(axis=1).sum()), network, candidates)
+
+    measures: dict[str, StepMemory] = {}
+    base = {**user, **known, **planned}
+
+    def measure_of(network: dict[str, Any]) -> StepMemory:
+        """The steps of ``network``, each measured once (a step does not depend on the spacing)."""
+        key = json.dumps(network, sort_keys=True)
+        if key not in measures:
+            measures[key] = StepMemory(Path(config_file), {**base, **network, **fixed}, device, log)
+        return measures[key]
 
     machine_limit = MACHINE_FRACTION * machine_memory(device)
     words = gib(memory) + (f" and {gflop:g} GFLOP" if math.isfinite(gflop) else "")
@@ -354,21 +396,50 @@ def fit_plan(
     if memory > machine_limit:
         share = f"{MACHINE_FRACTION:.0%} of the device's memory"
         log(f"  the budget is over {share}: steps predicted over {gib(machine_limit)} are not run")
-    measure = StepMemory(Path(config_file), {**user, **known, **planned, **fixed}, device, log)
-    try:
-        choice = choose_patch_and_batch(
-            candidates,
+    train_cases = len(datalist) - len(datalist) // max(num_folds, 1)
+
+    def fit(at: Layout) -> StepChoice:
+        """The largest patch at ``at`` whose step fits the budgets, then the largest batch."""
+        candidates = [tuple(int(n) for n in fixed["patch_size"])] if "patch_size" in fixed else at.candidates
+        affordable = BATCH_DATASET_FRACTION * at.voxels / (float(np.prod(candidates[0])) * num_samples)
+        measure = measure_of(at.network)
+        return choose_patch_and_batch(
+            candidates, memory, measure, max(MIN_BATCH, min(train_cases, int(affordable))), machine_limit,
+            step_gflop=measure.step_gflop, gflop_budget=gflop, batch_size=fixed.get("batch_size"), fix=fix,
+        )  # fmt: skip
+
+    def one_patch(at: Layout) -> bool:
+        """Whether the step of the median volume at ``at`` fits the budgets as :func:`choose_patch_and_batch` judges
+        it, at the first batch it tries (with a user's patch_size: whether the median volume is no larger)."""
+        if "patch_size" in fixed:
+            return all(n <= p for n, p in zip(at.candidates[0], fixed["patch_size"], strict=True))
+        measure, batch = measure_of(at.network), int(fixed.get("batch_size", MIN_BATCH))
+        fits, _ = step_judge(
+            at.candidates,
             memory,
             measure,
-            max_batch,
+            batch,
             machine_limit,
             step_gflop=measure.step_gflop,
             gflop_budget=gflop,
-            batch_size=fixed.get("batch_size"),
             fix=fix,
         )
+        return fits(at.candidates[0], batch)
+
+    full = chosen = layout(target)
+    try:
+        if resolution == "coarse" and "spacing" in fixed:
+            log(f"resolution coarse had no effect on spacing: spacing {fixed['spacing']} is set (kept)")
+        elif resolution == "coarse":
+            chosen = coarse_layout(full, layout, one_patch, log)
+        planned["spacing"] = [round(float(s), 4) for s in chosen.spacing]
+        planned.update(chosen.network)
+        choice = fit(chosen)
     except MeasureError as err:
         raise PlanError(str(err)) from err
+    measure = measure_of(chosen.network)
+    if chosen is not full:
+        log(f"resolution coarse: spacing {planned['spacing']} mm: {coverage(choice.patch_size, chosen.median)}")
     planned.update(patch_size=list(choice.patch_size), batch_size=choice.batch_size)
     if "iterations_per_epoch" not in fixed:
         step_s = (
@@ -393,7 +464,8 @@ def make_plan(
     """``prepare plan``: fit a plan (:func:`fit_plan`) to the bundle ``bundles/unet{dim}d`` and a step of
     ``memory_gb`` (on CPU also of ``gflop``, by default the bundle's ``plan_cpu_step_gflop``: the plan a training
     run would make), write ``fingerprint.json`` and ``plan_{dim}d.yaml`` into the dataset; return the plan's path
-    and keys. ``overrides`` are measured with and written into the plan (the plan decides every planned key)."""
+    and keys. ``overrides`` are measured with and written into the plan (the plan decides every planned key;
+    ``resolution: coarse`` makes it choose a coarse spacing)."""
     root = Path(dataset_dir).resolve()
     config_file = bundle_config(dim)
     user = dict(overrides or {})

@@ -2,7 +2,7 @@
 
     python -m custom_components.prepare convert --images DICOM_OR_NIFTI_DIR [DIR ...] --labels DIR --out DATASET_DIR
     python -m custom_components.prepare check   DATASET_DIR
-    python -m custom_components.prepare plan    DATASET_DIR [--memory-gb 8] [--dim 3]
+    python -m custom_components.prepare plan    DATASET_DIR [--memory-gb 8] [--dim 3] [--set KEY=VALUE ...]
 
 ``convert`` writes an MSD-layout dataset (``imagesTr``, ``labelsTr``, ``imagesTs``, ``dataset.json``) and checks
 it; ``check`` runs the per-case check training runs, and prints every problem as a table; ``plan`` writes
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="bundle key for the measured network, written into the plan (repeatable)",
+        help="bundle key for the measured network, or resolution=coarse, written into the plan (repeatable)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")

@@ -23,6 +23,7 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
 from custom_components.bundle import expression_ids, running
+from custom_components.cascade import RUN_PREVIOUS_STAGE, keep_previous_stage
 from custom_components.config_text import flow, freeze, plain, user_keys
 from custom_components.data import case_id
 from custom_components.networks import total_downsampling
@@ -68,7 +69,8 @@ class RunBundle:
     """Write the run folder's configs, metadata and docs (see the module docstring); main process only.
 
     ``settings`` are written into every config of the run that has the key, ``training_settings`` into its
-    training configs only, ``paths`` (keys among them) as absolute paths.
+    training configs only, ``paths`` (keys among them) as absolute paths. A cascade's ``previous_stage`` (its first
+    stage's ``kfold run`` folder) is copied into the run folder, whose evaluate and inference configs name the copy.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class RunBundle:
         training_settings: Mapping[str, Any] = {},  # noqa: B006 (read only)
         paths: Sequence[str] = (),
         planned: Mapping[str, Any] = {},  # noqa: B006 (read only)
+        previous_stage: str | Path | None = None,
         enabled: bool = True,
     ) -> None:
         self.source = Path(bundle_root)
@@ -94,6 +97,7 @@ class RunBundle:
         self.values = run_values(settings, paths)
         self.training_values = {key: plain(value) for key, value in training_settings.items()}
         self.planned = {key: plain(value) for key, value in planned.items()}
+        self.previous_stage = previous_stage
         self.enabled = enabled
         self._written_best: Any = object()
 
@@ -102,6 +106,7 @@ class RunBundle:
             engine.add_event_handler(Events.STARTED, self._started)
 
     def _started(self, engine: Engine) -> None:
+        keep_previous_stage(self.previous_stage, self.output_dir)
         self.write_configs()
         self.write_results()
         if not engine.has_event_handler(self._epoch_completed, Events.EPOCH_COMPLETED):
@@ -122,6 +127,8 @@ class RunBundle:
             if name in TRAINING_CONFIGS:
                 # every key of a run is decided: training again from its folder plans nothing
                 values.update(self.training_values, output_dir=RUN_OUTPUT_DIR, plan="off")
+            elif self.previous_stage is not None:  # a cascade's run folder predicts with its own copy of stage 1
+                values["previous_stage"] = RUN_PREVIOUS_STAGE
             atomic_write_bytes(configs / f"{name}.yaml", freeze(source.read_text(), values).encode())
         for name in COPIED:
             source = self.source / name

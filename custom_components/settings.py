@@ -10,7 +10,8 @@ and the fix:
 - types and ranges; booleans take ``true/false/True/False/1/0`` only (fire passes ``--skip_connections false`` as
   the text "false") and are converted to real booleans;
 - lists have one value per axis, ``patch_size`` fits the network's total downsampling, names (``norm``, ``loss``,
-  ``optimizer``, ``lr_scheduler``, the ``intensity`` scheme) are among the known ones;
+  ``optimizer``, ``lr_scheduler``, the ``intensity`` scheme) are among the known ones, ``resolution: coarse`` has a
+  plan to choose its spacing (``plan: auto``) or a ``spacing`` and ``patch_size`` set;
 - a MONAI expression, reference or macro (``$``, ``@``, ``%`` first) in a declared key is refused unless it is the
   value the bundle's own config files write for that key: nothing planted in a plan file or passed on the command
   line is executed. Derived keys (``num_classes`` from dataset.json, ...) written so are not checked further.
@@ -32,7 +33,7 @@ import os
 import re
 import sys
 import textwrap
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from custom_components.config_text import flow
 from custom_components.networks import total_downsampling
 from custom_components.norms import resolve_norm
 from custom_components.plan_file import PLAN_KEY, Plan, read_plan
-from custom_components.settings_declarations import CONFIGS, BundleConfigs, declarations
+from custom_components.settings_declarations import CONFIGS, BundleConfigs, bundle_kinds, declarations
 from custom_components.settings_types import STRICT, annotation, boolean, describe, list_length, names_text, show
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ def _set_nested(base: Any, path: Sequence[str], value: Any) -> Any:
 def _unknown(key: str, value: Any, known: Iterable[str], preferred: Iterable[str], listing: str) -> Problem:
     if key in ("help", "h"):
         return Problem(f"--{key}", value, "MONAI's command line reads it as a key", f"list every key with {listing}")
+    owners = [kind for kind in bundle_kinds() if key in declarations(kind)]
+    if owners:  # declared for another bundle alone (the cascade's keys are the 3D bundle's)
+        owner = " and ".join(f"bundles/{kind}" for kind in owners)
+        return Problem(key, value, f"a key of {owner} only", f"train with {owner}, or leave the key out")
     close = difflib.get_close_matches(key, list(preferred), n=1) or difflib.get_close_matches(key, list(known), n=1)
     hint = f"did you mean `{close[0]}`? " if close else ""
     return Problem(key, value, "not a key of this bundle", f"{hint}(every key: {listing})")
@@ -177,6 +182,25 @@ def _architecture_problems(resolved: Mapping[str, Any], applies: Callable[..., b
             fix = "give odd kernels (3, or 1 along a coarse axis)"
             problems.append(Problem("kernel_sizes", kernels, f"{where} even: the sizes would shift", fix))
     return problems
+
+
+def _resolution_problems(
+    resolved: Mapping[str, Any], configs: BundleConfigs, excluded: Collection[str]
+) -> list[Problem]:
+    """``resolution: coarse`` with ``plan: off``: the coarse spacing is the plan's to choose, so nothing would choose
+    it and the run would train the bundle's spacing and patch, unless ``spacing`` and ``patch_size`` are both set (by
+    hand, or ``excluded``: decided by the plan ``prepare plan`` writes). The two as the bundle's own configs write
+    them are kept: a run folder of a coarse run writes its planned values down with plan off."""
+
+    def own(key: str) -> bool:
+        return key in resolved and any(resolved[key] == value for value in configs.own(key))
+
+    if resolved.get("resolution") != "coarse" or resolved.get("plan") != "off" or (own("resolution") and own("plan")):
+        return []
+    if not any(own(key) and key not in excluded for key in ("spacing", "patch_size")):
+        return []
+    fix = "set plan: auto, or set spacing and patch_size yourself"
+    return [Problem("resolution", "coarse", "the plan chooses the coarse spacing, and plan is off", fix)]
 
 
 def validate(
@@ -282,7 +306,8 @@ def validate(
             checked.converted[key] = converted
         resolved[key] = converted
 
-    # rules across keys: lengths, the patch against the strides, catalogue names
+    # rules across keys: lengths, the patch against the strides, catalogue names, the architecture's and the
+    # resolution's keys
     excluded = set(exclude) - set(given)
 
     def applies(*keys: str) -> bool:
@@ -338,6 +363,7 @@ def validate(
                     )
                 )
     problems.extend(_architecture_problems(resolved, applies))
+    problems.extend(_resolution_problems(resolved, configs, excluded))
     order = {key: i for i, key in enumerate(declared)}  # unknown keys first, then as train.yaml lists the keys
     problems.sort(key=lambda problem: order.get(problem.key, -1))
     return checked
@@ -391,6 +417,7 @@ def check_workflow(config: str) -> None:
                 for problem in problems
             ),
         ]
+    problems += _stage_problems({**values, **applied, **checked.converted}, config)
     if problems:
         message = report(problems, root, config)
         logger.error("%s", message)
@@ -417,6 +444,18 @@ def check_workflow(config: str) -> None:
         workflow.parser[id] = value
     for key, value in checked.converted.items():
         workflow.parser[key] = value
+
+
+def _stage_problems(values: Mapping[str, Any], config: str) -> list[Problem]:
+    """A training's ``previous_stage`` that cannot be a cascade's first stage (custom_components.cascade), found with
+    the other problems, before the plan or any case is read."""
+    stage = values.get("previous_stage")
+    if config != "train" or not isinstance(stage, str) or expression_ids(stage, "previous_stage"):
+        return []
+    from custom_components.cascade import stage_problem
+
+    problem = stage_problem(stage)
+    return [] if problem is None else [Problem("previous_stage", stage, *problem)]
 
 
 def _plan_values(values: Mapping[str, Any], bundle: Path, config: str) -> tuple[Plan | None, dict[str, Any]]:

@@ -54,6 +54,7 @@ SLOW_FILES = (
     "test_kfold.py",
     "test_sweep.py",
     "test_time_budget.py",
+    "test_cascade.py",
     "test_auto_plan.py",
 )
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 import yaml
 
+from custom_components.settings import check
+from custom_components.settings_declarations import declarations
 from custom_components.synthetic import write_dataset
 from tests.conftest import REPO, SMALL_2D, read_metrics, run_bundle
 
@@ -75,5 +77,12 @@ def _user_keys(path: str) -> set[str]:
 
 
 def test_swapping_the_config_path_is_the_only_change() -> None:
-    # every key of the 3D bundle exists in the 2D one: swapping the config path is the only change a user makes
-    assert _user_keys(TRAIN_3D) <= _user_keys(TRAIN_2D)
+    # every key of the 3D bundle exists in the 2D one: swapping the config path is the only change a user makes,
+    # but for the cascade's keys (a coarse 3D stage, and its label maps as input channels: 3D alone, as in nnU-Net)
+    cascade = {"resolution", "previous_stage"}
+    assert set(declarations("unet3d")) - set(declarations("unet2d")) == cascade
+    assert _user_keys(TRAIN_3D) - cascade <= _user_keys(TRAIN_2D)
+    # given to the 2D bundle, they are named as the 3D bundle's, not as unknown keys
+    problems = check({"resolution": "coarse", "previous_stage": "runs/coarse"}, REPO / "bundles/unet2d", "train")
+    named = sorted((problem.key, problem.problem) for problem in problems)
+    assert named == [(key, "a key of bundles/unet3d only") for key in sorted(cascade)]

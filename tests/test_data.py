@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import set_rnd
 from monai.transforms import Compose, LoadImaged, Randomizable
+from scipy import ndimage
 
 from custom_components import data, dataset_check
 from custom_components.checkpoint import ResumableCheckpoint, epoch_seed
@@ -61,6 +62,27 @@ def test_synthetic_cases_without_foreground_come_last_and_keep_their_body(tmp_pa
     assert empty.min() < -900 and empty.max() > 50  # air, and the unlabelled distractor of the organ's density
     with pytest.raises(ValueError, match="empty_cases"):
         write_dataset(tmp_path / "rods", cases=2, kind="rods", empty_cases=1)
+
+
+def test_nodule_kind_is_a_10_mm_target_on_an_organ_in_a_large_volume_with_held_out_cases(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds", cases=1, seed=0, kind="nodule", test_cases=1)
+    description = load_dataset_json(root)
+    assert description["labels"] == {"0": "background", "1": "organ", "2": "nodule"}
+    assert description["test"] == [{"image": "./imagesTs/case_001.nii.gz", "label": "./labelsTs/case_001.nii.gz"}]
+    spacing = np.array([1.0, 1.0, 1.5])
+    for entry in [*description["training"], *description["test"]]:
+        image = nib.load(root / entry["image"])
+        label = np.asarray(nib.load(root / entry["label"]).dataobj)
+        assert image.header.get_zooms() == pytest.approx(spacing)
+        assert all(0.85 * n - 1 <= size <= 1.15 * n + 1 for size, n in zip(image.shape, (200, 200, 120), strict=True))
+        nodule = np.argwhere(label == 2) * spacing
+        assert np.all(np.abs(nodule.max(0) - nodule.min(0) + spacing - 10) <= 2)  # about 10 mm across every axis
+        assert (label == 2).mean() < 1e-4 and (label == 1).sum() * spacing.prod() > 20_000  # a small target, an organ
+        organ_distance = ndimage.distance_transform_edt(label != 1, sampling=spacing)
+        assert organ_distance[label == 2].min() <= 2  # the nodule touches the organ
+        # unlabelled look-alikes of the nodule's density far from the organ
+        hu = ndimage.gaussian_filter(np.asarray(image.dataobj, dtype=np.float32), 1.5)
+        assert hu[organ_distance > 20].max() > 0.8 * hu[label == 2].mean()
 
 
 class _Draw(Randomizable):

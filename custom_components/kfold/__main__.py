@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("--seed", type=int, default=0, help="seed of the splits and of each fold's training")
     select.add_argument("--memory_gb", type=float, default=8.0, help="the plans' memory budget of a training step")
     select.add_argument("--parallel", type=int, default=1, help="folds at once (one GPU each where there are several)")
+    select.add_argument(
+        "--cascade",
+        action="store_true",
+        help="also nnU-Net's cascade of the 3D bundle: unet3d_coarse (resolution coarse, whole volumes) and "
+        "unet3d_cascade (full resolution on its out-of-fold label maps)",
+    )
 
     report = commands.add_parser(
         "report",
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed,
                     memory_gb=args.memory_gb,
                     parallel=args.parallel,
+                    cascade=args.cascade,
                 )
                 if args.command == "select"
                 else write_selection(args.output)

@@ -32,6 +32,8 @@ from custom_components.kfold.layout import (
     ENSEMBLE_FIX,
     ENSEMBLE_TEST_FILE,
     INFERENCE_CONFIG,
+    PREVIOUS_KEY,
+    STAGE_DIR,
     Fold,
     fold_finished,
     fold_layout,
@@ -125,6 +127,12 @@ def predict(
     postprocessing = parser.get_parsed_content("postprocessing")
     inferer = parser.get_parsed_content("inferer")
     amp = parser.get_parsed_content("amp")
+    previous_stage = parser.get_parsed_content("previous_stage") if "previous_stage" in parser else None  # 3D key
+    items: list[dict[str, str]] = [{"image": str(path)} for path in paths]
+    if previous_stage is not None:
+        logger.info("first stage: the ensemble of %s", previous_stage)
+        maps = predict(previous_stage, paths, out_dir / STAGE_DIR)
+        items = [{**item, PREVIOUS_KEY: str(path)} for item, path in zip(items, maps, strict=True)]
     networks = []
     for fold in folds:
         try:
@@ -137,7 +145,7 @@ def predict(
     ensemble_postprocessing = Compose(
         [Activationsd(keys=keys, softmax=True), MeanEnsembled(keys=keys, output_key="pred"), *after_softmax]
     )
-    loader = DataLoader(Dataset([{"image": str(path)} for path in paths], transform=preprocessing), batch_size=1)
+    loader = DataLoader(Dataset(items, transform=preprocessing), batch_size=1)
     evaluator = EnsembleEvaluator(
         device=device,
         val_data_loader=loader,

@@ -29,6 +29,10 @@ METADATA_FILE = Path("configs") / "metadata.json"  # in a run folder: its model'
 PREDICTIONS_DIR = Path(EVALUATION_DIR) / "predictions"  # in a run folder: the scored cases' label maps
 EVALUATE_CONFIG = Path("configs") / "evaluate.yaml"  # in a fold folder: the fold's model scored on its val cases
 ENSEMBLE_TEST_FILE = Path("ensemble") / "test_dice.json"  # the fold ensemble scored on dataset.json's test cases
+# a cascade's second stage (custom_components.cascade): in its run folder the copy of the first stage, in a prediction
+# folder the first stage's label maps; in a case, the key of its first-stage label map
+STAGE_DIR = "previous_stage"
+PREVIOUS_KEY = "previous"
 # The options that define a run: starting it again with other values would mix folds of two experiments.
 IDENTITY = ("bundle", "dataset_dir", "folds", "repeats", "seed", "stratify", "group", "splits_file", "overrides")
 

@@ -64,6 +64,8 @@ ENSEMBLE_JOIN = "+"  # an ensemble's name: its members joined, e.g. unet2d+unet3
 DEFAULT_BUNDLES = ("unet2d", "unet3d")
 SELECT_IDENTITY = ("bundles", "dataset_dir", "folds", "seed", "overrides", "time_budget_min", "memory_gb")
 PROBABILITIES = {"save_probabilities": True}  # each fold's scoring keeps its validation cases' probabilities
+# `--cascade`: nnU-Net's cascade of the 3D bundle as two more configurations, stage 1 cross-validated first
+COARSE, CASCADE = "unet3d_coarse", "unet3d_cascade"
 
 
 def find_bundles(names: Sequence[str]) -> dict[str, Bundle]:
@@ -77,6 +79,21 @@ def find_bundles(names: Sequence[str]) -> dict[str, Bundle]:
         found[bundle.path.name] = bundle
     if not found:
         raise KFoldError("--bundles names no bundle: give one or more, e.g. --bundles unet2d unet3d")
+    return found
+
+
+def configurations(names: Sequence[str], cascade: bool, output: Path) -> dict[str, tuple[Bundle, dict[str, Any]]]:
+    """Each configuration to cross-validate: its bundle and the keys that make it what it is. The ``--bundles``
+    as they are; with ``cascade`` also the 3D bundle at ``resolution: coarse`` (:data:`COARSE`) and the 3D bundle on
+    that configuration's out-of-fold label maps (:data:`CASCADE`, ``previous_stage``)."""
+    found = {name: (bundle, {}) for name, bundle in find_bundles(names).items()}
+    if cascade:
+        clash = sorted({COARSE, CASCADE} & set(found))
+        if clash:
+            raise KFoldError(f"--bundles names {', '.join(clash)}, the name --cascade gives its stages: rename it")
+        unet3d = found["unet3d"][0] if "unet3d" in found else Bundle.find(REPO_ROOT / "bundles" / "unet3d")
+        found[COARSE] = (unet3d, {"resolution": "coarse"})
+        found[CASCADE] = (unet3d, {"previous_stage": str(output / COARSE)})
     return found
 
 
@@ -157,25 +174,28 @@ def run_selection(
     seed: int = 0,
     memory_gb: float = 8.0,
     parallel: int = 1,
+    cascade: bool = False,
 ) -> dict[str, Any]:
-    """Plan and cross-validate every bundle on one set of splits, then score them and their ensembles; the
-    selection (also written as selection.json, .md and .png). Started again with the same options, it resumes."""
+    """Plan and cross-validate every bundle (with ``cascade`` also nnU-Net's cascade of the 3D bundle: see
+    :func:`configurations`) on one set of splits, then score them and their ensembles; the selection (also written
+    as selection.json, .md and .png). Started again with the same options, it resumes."""
     dataset_dir, output = Path(dataset_dir).resolve(), Path(output).resolve()
-    found = find_bundles(bundles)
+    found = configurations(bundles, cascade, output)
     common, per_bundle = split_sets(sets, list(found))
     if time_budget_min is not None:
         common["time_budget_min"] = time_budget_min
+    keys = {name: {**common, **per_bundle[name], **stage} for name, (_, stage) in found.items()}
     problems = [
         settings.report(found_problems, bundle.path, "train", f"--set ({name})")
-        for name, bundle in found.items()
-        if (found_problems := settings.check({**common, **per_bundle[name]}, bundle.path, "train"))
+        for name, (bundle, _) in found.items()
+        if (found_problems := settings.check(keys[name], bundle.path, "train"))
     ]
     if problems:
         raise KFoldError("\n".join(problems))
     if folds < 2:
         raise KFoldError(f"--folds {folds}: a selection needs at least 2 folds")
     state = {
-        "bundles": {name: str(bundle.path) for name, bundle in found.items()},
+        "bundles": {name: str(bundle.path) for name, (bundle, _) in found.items()},
         "dataset_dir": str(dataset_dir),
         "folds": folds,
         "seed": seed,
@@ -191,14 +211,13 @@ def run_selection(
         _check_identity(output, previous, state)
         previous_plans = previous["plans"]
     output.mkdir(parents=True, exist_ok=True)
-    splits_file = _splits(next(iter(found.values())), dataset_dir, output, folds, seed)
+    splits_file = _splits(next(iter(found.values()))[0], dataset_dir, output, folds, seed)
     plans = {}
-    for name, bundle in found.items():
-        keys = {**common, **per_bundle[name]}
-        plans[name] = previous_plans.get(name) or _plan(bundle, dataset_dir, keys, memory_gb)
+    for name, (bundle, _) in found.items():
+        plans[name] = previous_plans.get(name) or _plan(bundle, dataset_dir, keys[name], memory_gb)
         atomic_write_json({**state, "plans": plans}, state_path)
     failed = []
-    for name, bundle in found.items():
+    for name, (bundle, _) in found.items():  # a cascade's stage 1 before its stage 2
         logger.info("%s: cross-validation in %s", name, output / name)
         cv, layout = plan_cv(
             bundle.path,
@@ -206,7 +225,7 @@ def run_selection(
             output / name,
             folds,
             seed=seed,
-            overrides={**plans[name], **common, **per_bundle[name], **PROBABILITIES},
+            overrides={**plans[name], **keys[name], **PROBABILITIES},
             splits_file=splits_file,
         )
         failed += complete_cv(cv, layout, parallel)["failed"]

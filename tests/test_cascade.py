@@ -1,0 +1,177 @@
+"""nnU-Net's cascade through the user's commands: a first stage cross-validated with `kfold run`, a second stage
+cross-validated on its out-of-fold label maps (`--set previous_stage=STAGE1`), whose run folders predict with both
+stages from anywhere, and the first stages that are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from custom_components.cascade import CascadeError, PreviousStageChannelsd, with_stage_maps
+from custom_components.data import check_datalist, load_dataset_json
+from custom_components.synthetic import write_dataset
+from tests.conftest import SMALL_3D, USER_CWD, run_bundle
+
+KFOLD = [sys.executable, "-m", "custom_components.kfold"]
+CLASSES = ["organ", "lesion"]
+KEYS = {
+    **{k: v for k, v in SMALL_3D.items() if k not in ("num_folds", "report")},
+    "max_epochs": "1",
+    "val_interval": "1",
+    "iterations_per_epoch": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The user's `kfold select --cascade` of the 3D bundle on 6 cases (one more is held out) in 2 folds: the
+    single-stage bundle, stage 1 (`unet3d_coarse`) and stage 2 on its out-of-fold maps (`unet3d_cascade`)."""
+    root = tmp_path_factory.mktemp("cascade")
+    dataset = write_dataset(root / "data", cases=7, seed=3, shape=(40, 40, 16))
+    description = json.loads((dataset / "dataset.json").read_text())
+    description["training"], held_out = description["training"][:6], description["training"][6]
+    (dataset / "dataset.json").write_text(json.dumps(description))
+    command = [*KFOLD, "select", "--dataset_dir", str(dataset), "--output", str(root / "select"), "--folds", "2"]
+    command += ["--bundles", "unet3d", "--cascade", "--set", *[f"{key}={value}" for key, value in KEYS.items()]]
+    result = subprocess.run(command, cwd=USER_CWD.name, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return SimpleNamespace(
+        root=root,
+        dataset=dataset,
+        selection=root / "select",
+        stage1=root / "select" / "unet3d_coarse",
+        stage2=root / "select" / "unet3d_cascade",
+        image=dataset / held_out["image"],
+    )
+
+
+def first_conv_inputs(run: Path) -> int:
+    """The input channels of a run's trained network (its first convolution's weight)."""
+    weights = torch.load(run / "models" / "model.pt", weights_only=True)
+    return next(value for value in weights.values() if value.ndim == 5).shape[1]
+
+
+def test_each_case_gets_the_map_of_the_fold_that_held_it_out(cascade: SimpleNamespace) -> None:
+    description = load_dataset_json(cascade.dataset)
+    cases = with_stage_maps(
+        check_datalist(description, cascade.dataset, 3, 3), cascade.stage1, CLASSES, cascade.dataset
+    )
+    splits = json.loads((cascade.stage1 / "splits.json").read_text())
+    assert len(cases) == 6
+    for case in cases:
+        name, fold = Path(case["image"]).name.split(".")[0], Path(case["previous"]).parents[2].name
+        split = splits[int(fold.removeprefix("fold_"))]
+        assert name in split["val"] and name not in split["train"], (name, fold)
+        assert Path(case["previous"]).name == f"{name}_seg.nii.gz" and Path(case["previous"]).is_file()
+
+
+def test_stage_two_takes_the_maps_as_one_channel_per_class(cascade: SimpleNamespace) -> None:
+    assert first_conv_inputs(cascade.stage1 / "fold_0") == 1
+    assert first_conv_inputs(cascade.stage2 / "fold_0") == 1 + len(CLASSES)
+    image, previous = torch.randn(1, 4, 5, 6), torch.randint(0, 3, (1, 4, 5, 6))
+    joined = PreviousStageChannelsd(num_classes=3, enabled=True)({"image": image, "previous": previous})
+    assert set(joined) == {"image"} and joined["image"].shape == (3, 4, 5, 6)
+    assert torch.equal(joined["image"][0], image[0])
+    for label in (1, 2):
+        assert torch.equal(joined["image"][label], (previous[0] == label).float())
+    with pytest.raises(CascadeError, match="lacks a stage-1 label map"):
+        PreviousStageChannelsd(num_classes=3, enabled=True)({"image": image})
+    with pytest.raises(CascadeError, match="has a stage-1 label map .* previous_stage is null"):
+        PreviousStageChannelsd(num_classes=3, enabled=False)({"image": image, "previous": previous})
+
+
+def test_stage_two_folds_are_scored_on_out_of_fold_maps_and_keep_stage_one(cascade: SimpleNamespace) -> None:
+    report = json.loads((cascade.stage2 / "report.json").read_text())
+    assert sorted(report["out_of_fold"]) == [f"case_00{i}" for i in range(6)]
+    for fold in ("fold_0", "fold_1"):
+        run = cascade.stage2 / fold
+        assert not (run / "evaluation" / "previous_stage").exists()  # nothing predicted again: the stored maps
+        kept = run / "previous_stage"
+        assert sorted(p.name for p in kept.glob("fold_*/models/model.pt")) == ["model.pt"] * 2
+        assert not list(kept.glob("fold_*/models/checkpoint_last.pt"))
+        for config in ("inference.yaml", "evaluate.yaml"):
+            assert "previous_stage: \"$@bundle_root + '/previous_stage'\"" in (run / "configs" / config).read_text()
+
+
+def test_a_moved_stage_two_run_folder_predicts_with_both_stages(cascade: SimpleNamespace, tmp_path: Path) -> None:
+    moved = Path(shutil.copytree(cascade.stage2 / "fold_0", tmp_path / "model"))
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(cascade.image, images / "scan.nii.gz")
+    hidden = cascade.stage1.rename(cascade.root / "stage1_hidden")  # the run folder alone must do
+    try:
+        run_bundle(
+            moved / "configs" / "inference.yaml",
+            {"input_dir": images, "output_dir": tmp_path / "out"},
+            run_id="inference",
+        )
+        command = [*KFOLD, "predict", str(cascade.stage2), "--images", str(images), "--out", str(tmp_path / "ens")]
+        result = subprocess.run(command, cwd=USER_CWD.name, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        hidden.rename(cascade.stage1)
+    source = nib.load(images / "scan.nii.gz")
+    for out in ("out", "ens"):
+        for written in (tmp_path / out / "scan_seg.nii.gz", tmp_path / out / "previous_stage" / "scan_seg.nii.gz"):
+            label = nib.load(written)
+            assert label.shape == source.shape and np.allclose(label.affine, source.affine, atol=1e-4), written
+            assert set(np.unique(np.asarray(label.dataobj)).tolist()) <= {0, 1, 2}
+
+
+def test_first_stages_that_cannot_serve_are_refused_with_the_fix(cascade: SimpleNamespace, tmp_path: Path) -> None:
+    description = load_dataset_json(cascade.dataset)
+    cases = check_datalist(description, cascade.dataset, 3, 3)
+
+    def refused(stage: Path, classes: list[str] = CLASSES, dataset: Path = cascade.dataset) -> str:
+        with pytest.raises(CascadeError) as raised:
+            with_stage_maps(cases, stage, classes, dataset)
+        return str(raised.value)
+
+    assert "is a single training run: its label maps of the cases it trained on would be in-sample" in refused(
+        cascade.stage1 / "fold_0"
+    )
+    assert "does not exist" in refused(tmp_path / "nowhere")
+    assert "segments ['organ', 'lesion'], this run ['liver', 'tumour']" in refused(cascade.stage1, ["liver", "tumour"])
+    elsewhere = Path(shutil.copytree(cascade.dataset, tmp_path / "other"))
+    assert "holds no out-of-fold label map of 6 training case(s)" in refused(cascade.stage1, dataset=elsewhere)
+    unfinished = Path(shutil.copytree(cascade.stage1, tmp_path / "unfinished"))
+    shutil.rmtree(unfinished / "fold_1" / "evaluation")
+    assert "fold_1 not trained and scored yet" in refused(unfinished)
+    for message in (refused(cascade.stage1 / "fold_0"), refused(tmp_path / "nowhere")):
+        assert "python -m custom_components.kfold run --bundle bundles/unet3d" in message
+    # through the user's command: a clean exit with the message, no traceback, nothing trained
+    result = run_bundle(
+        "bundles/unet3d/configs/train.yaml",
+        {
+            **KEYS,
+            "dataset_dir": cascade.dataset,
+            "output_dir": tmp_path / "run",
+            "previous_stage": cascade.stage1 / "fold_0",
+        },
+        check=False,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "is a single training run" in result.stderr
+    assert not (tmp_path / "run" / "models" / "model.pt").exists()
+
+
+def test_select_compares_the_cascade_with_the_single_stage_bundle(cascade: SimpleNamespace) -> None:
+    selection = json.loads((cascade.selection / "selection.json").read_text())
+    stages = ("unet3d", "unet3d_coarse", "unet3d_cascade")
+    assert {*stages, "unet3d+unet3d_cascade", "unet3d+unet3d_coarse+unet3d_cascade"} <= set(selection["configurations"])
+    for name in stages:  # every configuration scored on all 6 cases out of fold
+        assert len(selection["configurations"][name]["cases"]) == 6
+        assert np.isfinite(selection["configurations"][name]["mean_dice"])
+    plans = json.loads((cascade.selection / "select.json").read_text())["plans"]
+    assert plans["unet3d_coarse"]["resolution"] == "coarse" and "previous_stage" not in plans["unet3d"]
+    assert plans["unet3d_cascade"]["previous_stage"] == str(cascade.stage1)
+    assert "`unet3d_coarse/`, `unet3d_cascade/`" in (cascade.selection / "selection.md").read_text()
