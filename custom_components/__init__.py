@@ -26,6 +26,7 @@ __all__ = [
     "run_bundle",
     "runlock",
     "settings",
+    "settings_values",
     "transforms",
 ]
 

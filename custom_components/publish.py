@@ -38,7 +38,7 @@ import yaml
 
 from custom_components.checkpoint import MODEL_FILE
 from custom_components.config_text import flow, freeze, user_keys
-from custom_components.kfold.layout import EVALUATION_FILE, METADATA_FILE, METRICS_FILE
+from custom_components.kfold.layout import EVALUATION_FILE, METADATA_FILE, METRICS_FILE, STAGE_DIR
 from custom_components.run_bundle import CONFIGS, COPIED, intended_use
 from custom_components.run_files import atomic_write_bytes, atomic_write_json
 
@@ -228,6 +228,12 @@ def publish(
         raise PublishError(
             f"{run} is not a finished training run folder: {', '.join(missing)} missing. Publish the output_dir of a "
             "training that ran (a run from before LICENSE was copied: copy its bundle's LICENSE into it)"
+        )
+    if (run / STAGE_DIR).is_dir():
+        raise PublishError(
+            f"{run} is a cascade's second stage: it predicts with its first stage's fold models ({run / STAGE_DIR}) "
+            "too, and a model-zoo bundle holds one model (models/model.pt). Publish a single-stage run, or share the "
+            "run folder itself, which predicts with both stages"
         )
     name = name or bundle_name(run)
     if not re.fullmatch(r"\w+", name):

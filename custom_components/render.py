@@ -97,22 +97,6 @@ class Renderer:
             blocks.append("\n".join([heading + "-" * (LINE_LENGTH - len(heading)), *lines]))
         return "\n\n".join(blocks)
 
-    def run_settings(self, frozen: bool | str = True) -> str:
-        """A mapping for the run-bundle writer, one ``key: "@source"`` line each: the keys of every config that are
-        ``frozen`` so, with the training key whose resolved value a run folder writes into them."""
-        seen: dict[str, Setting] = {}
-        for config in CONFIGS:
-            for setting in load_settings(self.bundle, config):
-                if setting.frozen == frozen and setting.key not in seen and setting.key != "output_dir":
-                    seen[setting.key] = setting
-        train_keys = {s.key for s in load_settings(self.bundle, "train")}
-        lines = [f"{s.key}: {flow('@' + s.source)}" for s in seen.values() if s.source in train_keys]
-        return "\n".join(lines)
-
-    def setting_keys(self, config: str) -> list[str]:
-        """The keys of ``config``, in order."""
-        return [s.key for s in load_settings(self.bundle, config)]
-
     def path_settings(self) -> list[str]:
         """Keys written as absolute paths into a run folder."""
         return sorted({s.key for config in CONFIGS for s in load_settings(self.bundle, config) if s.path})
@@ -123,8 +107,6 @@ class Renderer:
             bundle=self.bundle,
             dims=self.dims,
             settings=self.settings,
-            run_settings=self.run_settings,
-            setting_keys=self.setting_keys,
             path_settings=self.path_settings,
             flow=flow,
         )

@@ -22,13 +22,14 @@ import yaml
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
-from custom_components.bundle import expression_ids, running
+from custom_components.bundle import expression_ids
 from custom_components.cascade import RUN_PREVIOUS_STAGE, keep_previous_stage
 from custom_components.config_text import flow, freeze, plain, user_keys
 from custom_components.data import case_id
 from custom_components.networks import total_downsampling
 from custom_components.run_files import atomic_write_bytes, atomic_write_json
-from custom_components.settings_declarations import as_parsed
+from custom_components.settings_declarations import BundleConfigs, as_parsed, run_sources
+from custom_components.settings_values import active_parser, run_settings
 from custom_components.training_report import TrainingReport
 
 CONFIGS = ("train", "inference", "evaluate", "multi_gpu_train")  # the bundle's workflows, each copied if present
@@ -68,8 +69,10 @@ def intended_use(class_names: Sequence[str]) -> str:
 class RunBundle:
     """Write the run folder's configs, metadata and docs (see the module docstring); main process only.
 
-    ``settings`` are written into every config of the run that has the key, ``training_settings`` into its
-    training configs only, ``paths`` (keys among them) as absolute paths. A cascade's ``previous_stage`` (its first
+    The values of the user keys are resolved in the running training config
+    (:func:`custom_components.settings_values.run_settings`): written into every config of the run that has the key,
+    or into its training configs only (``frozen: train`` in settings.yaml); ``paths`` (keys among them) as absolute
+    paths. A cascade's ``previous_stage`` (its first
     stage's ``kfold run`` folder) is copied into the run folder, whose evaluate and inference configs name the copy.
     """
 
@@ -81,8 +84,6 @@ class RunBundle:
         dataset: Mapping[str, Any],
         cases: Mapping[str, Sequence[Mapping[str, Any]]],
         network_in_channels: int,
-        settings: Mapping[str, Any],
-        training_settings: Mapping[str, Any] = {},  # noqa: B006 (read only)
         paths: Sequence[str] = (),
         planned: Mapping[str, Any] = {},  # noqa: B006 (read only)
         previous_stage: str | Path | None = None,
@@ -94,8 +95,10 @@ class RunBundle:
         self.dataset = dict(dataset)
         self.cases = {split: [case_id(str(item["image"])) for item in items] for split, items in cases.items()}
         self.network_in_channels = int(network_in_channels)
-        self.values = run_values(settings, paths)
-        self.training_values = {key: plain(value) for key, value in training_settings.items()}
+        self.values = run_values(run_settings(bundle_root), paths)
+        self.training_values = {key: plain(value) for key, value in run_settings(bundle_root, "train").items()}
+        # not written into the run's configs (the machine's keys), logged as MLflow parameters with the others
+        self.machine_values = {"output_dir": str(self.output_dir.resolve()), **run_settings(bundle_root, False)}
         self.planned = {key: plain(value) for key, value in planned.items()}
         self.previous_stage = previous_stage
         self.enabled = enabled
@@ -342,14 +345,6 @@ EXTENDABLE = "max_epochs"  # the one key `extend_training` lets grow
 _ABSENT = "(not set)"
 
 
-def _active_parser() -> Any:
-    """The ``ConfigParser`` evaluating the calling config expression: MONAI's entry points and a parser built by
-    hand alike."""
-    from monai.bundle import ConfigParser
-
-    return running(ConfigParser)
-
-
 def _literal(value: Any) -> bool:
     """Whether a raw config value is data as it stands: no expression, reference, macro or component in it."""
     if isinstance(value, str):
@@ -446,9 +441,7 @@ def resume_problem(
         return f"{checkpoint} cannot be resumed: {stored_file}, the settings it trained with, {reason}; {fix}"
     if not isinstance(stored, Mapping):
         return f"{checkpoint} cannot be resumed: {stored_file} holds no settings; {fix}"
-    parser = parser if parser is not None else _active_parser()
-    if parser is None:
-        raise RuntimeError("resume_problem needs the config parser: call it from a config expression or pass it")
+    parser = parser if parser is not None else active_parser()
     target = str(parser.get(f"{run_bundle_id}#_target_", ""))
     if not target.endswith("RunBundle"):
         raise RuntimeError(f"{run_bundle_id} of the config is {target or 'not a component'}, not the RunBundle")
@@ -457,15 +450,13 @@ def resume_problem(
     keys = set(user_keys(own_text)) - set(RESULT_NEUTRAL)
     own = yaml.safe_load(own_text)
     paths = parser.get(f"{run_bundle_id}#paths", [])
-    ids = {}  # key -> config id of the value the run bundle writes for it (training values last, as it writes them)
-    for group in ("settings", "training_settings"):
-        for key in parser.get(f"{run_bundle_id}#{group}", {}):
-            if key in keys:
-                ids[key] = f"{run_bundle_id}#{group}#{key}"
+    kind = BundleConfigs.read(bundle_root).kind("train")
+    ids = {}  # key -> the training key whose value the run bundle writes for it (training values last, as it does)
+    for frozen in (True, "train"):
+        ids.update({key: source for key, source in run_sources(kind, frozen).items() if key in keys})
 
     def source(config_id: str) -> Any:
-        raw = parser.get(config_id)
-        return parser.get(raw[1:]) if isinstance(raw, str) and raw.startswith("@") else raw
+        return parser.get(config_id)
 
     def now(selected: list[str]) -> dict[str, Any]:
         values = run_values({key: parser.get_parsed_content(ids[key]) for key in selected}, paths)
@@ -498,7 +489,7 @@ def check_resume(
 ) -> None:
     """:func:`resume_problem` from a config's ``initialize``: a refused restart stops with the differences and the
     fix, without a traceback (``ResumableCheckpoint`` logs the resume, and an extension, when training starts)."""
-    problem = resume_problem(output_dir, bundle_root, run_bundle_id, extend_training, parser=_active_parser())
+    problem = resume_problem(output_dir, bundle_root, run_bundle_id, extend_training, parser=active_parser())
     if problem:
         logger.error("%s", problem)
         sys.exit(f"error: {problem}")

@@ -34,6 +34,8 @@ class Declaration:
     configs: tuple[str, ...]
     help: Mapping[str, str]  # config -> meaning
     check: Mapping[str, Any]
+    frozen: bool | str = True  # True: a run folder writes its value into every config; "train": its training configs
+    source: str = ""  # the training key whose value a run folder writes for it (its `from`; the key itself if empty)
 
     @property
     def type(self) -> str:
@@ -82,8 +84,22 @@ def declarations(kind: str) -> dict[str, Declaration]:
                 configs=configs,
                 help={c: " ".join(str(declared_field(entry, kind, c, "help", "")).split()) for c in CONFIGS},
                 check={**entry.get("check", {}), **entry.get(kind, {}).get("check", {})},
+                frozen=entry.get("frozen", True),
+                source=entry.get("from", key),
             )
     return found
+
+
+def run_sources(kind: str, frozen: bool | str = True) -> dict[str, str]:
+    """The keys whose value a run folder of bundle ``kind`` writes as ``frozen`` says (True: into all its configs,
+    "train": into its training configs, False: none, the machine's keys), each with the training key it takes the
+    value of; ``output_dir`` apart (a run folder is its own output)."""
+    declared = declarations(kind)
+    return {
+        key: d.source
+        for key, d in declared.items()
+        if d.frozen == frozen and key != "output_dir" and "train" in declared.get(d.source, d).configs
+    }
 
 
 # --- a bundle's own configs ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""nnU-Net's cascade through the user's commands: a first stage cross-validated with `kfold run`, a second stage
-cross-validated on its out-of-fold label maps (`--set previous_stage=STAGE1`), whose run folders predict with both
-stages from anywhere, and the first stages that are refused."""
+"""nnU-Net's cascade through the user's commands: `kfold select --cascade` cross-validates a first stage
+(`resolution: coarse`) and a second stage on its out-of-fold label maps (`previous_stage`) beside the single stage;
+the second stage's run folders predict with both stages from anywhere, and unusable first stages are refused."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 
 from custom_components.cascade import CascadeError, PreviousStageChannelsd, with_stage_maps
 from custom_components.data import check_datalist, load_dataset_json
+from custom_components.publish import PublishError, publish
 from custom_components.synthetic import write_dataset
 from tests.conftest import SMALL_3D, USER_CWD, run_bundle
 
@@ -175,3 +176,9 @@ def test_select_compares_the_cascade_with_the_single_stage_bundle(cascade: Simpl
     assert plans["unet3d_coarse"]["resolution"] == "coarse" and "previous_stage" not in plans["unet3d"]
     assert plans["unet3d_cascade"]["previous_stage"] == str(cascade.stage1)
     assert "`unet3d_coarse/`, `unet3d_cascade/`" in (cascade.selection / "selection.md").read_text()
+
+
+def test_a_stage_two_run_is_not_published_as_a_one_model_bundle(cascade: SimpleNamespace, tmp_path: Path) -> None:
+    with pytest.raises(PublishError, match="is a cascade's second stage: it predicts with its first stage's fold"):
+        publish(cascade.stage2 / "fold_0", tmp_path / "zoo")
+    assert not (tmp_path / "zoo").exists()

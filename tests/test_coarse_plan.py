@@ -21,6 +21,7 @@ from custom_components import auto_plan, prepare, settings
 from custom_components.config_text import freeze
 from custom_components.planning import bundle_config, fit_plan
 from custom_components.settings_declarations import BundleConfigs
+from custom_components.step_measure import bundle_parser
 from custom_components.synthetic import write_dataset
 from tests.conftest import REPO, run_bundle
 
@@ -189,3 +190,18 @@ def test_prepare_plan_writes_the_coarse_plan_a_training_makes(plans: dict, large
     assert written["resolution"] == "coarse"
     for key in ("spacing", "patch_size", "batch_size"):  # FLOPs are counted: the training's plan
         assert written[key] == plans["coarse"][key], key
+
+
+def test_a_cascade_stage_is_planned_with_its_extra_channels_and_cached_apart(large: Path, tmp_path: Path) -> None:
+    """Stage 2's step takes the image and one channel per foreground class of stage 1's map: the step the plan
+    measures is built with them, and its plan is not the single stage's."""
+    stage1 = str(tmp_path / "stage1")
+    parser = bundle_parser(bundle_config(3), {"previous_stage": stage1, "num_classes": 3, "in_channels": 1})
+    assert parser.get_parsed_content("network_in_channels") == 3
+    cache = tmp_path / "cache"
+    _planned(large, cache)
+    with _plan_log() as lines:
+        _planned(large, cache, previous_stage=stage1)
+    assert not any("from the cached plan" in line for line in lines)
+    cached = [json.loads(path.read_text()) for path in cache.glob("*.json")]
+    assert sorted(str(plan["identity"]["user"].get("previous_stage")) for plan in cached) == sorted([stage1, "None"])

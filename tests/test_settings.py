@@ -12,9 +12,11 @@ import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from custom_components import settings, settings_declarations
+from custom_components.config_text import user_keys
 from custom_components.kfold.__main__ import main as kfold_main
 from custom_components.networks import UNetWithoutSkips
 from custom_components.prepare import main as prepare_main
+from custom_components.settings_values import run_settings
 from tests.conftest import REPO, SMALL_3D, run_bundle
 
 TRAIN_3D = "bundles/unet3d/configs/train.yaml"
@@ -165,6 +167,22 @@ def test_the_check_stops_when_it_cannot_run() -> None:
     parser["bundle_root"] = str(BUNDLE_3D)
     with pytest.raises(SystemExit, match="found no MONAI ConfigWorkflow running the config"):
         parser.get_parsed_content("initialize#0")
+
+
+def test_the_settings_are_resolved_in_the_parser_running_the_config_or_not_at_all() -> None:
+    """The run bundle's and MLflow's values come from the parser evaluating the config, by the names settings.yaml
+    declares: the same values the config's own keys resolve to, and a stop outside a config, never an empty set."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles/unet3d/configs/evaluate.yaml"))
+    parser["bundle_root"] = str(BUNDLE_3D)
+    parser["params"] = f"$custom_components.settings_values.config_settings('{BUNDLE_3D}', 'evaluate')"
+    params = parser.get_parsed_content("params")
+    assert params["patch_size"] == [96, 96, 96] and params["tta"] is False and params["cases"] == "auto"
+    written = set(user_keys((REPO / "bundles/unet3d/configs/evaluate.yaml").read_text())) - {"imports", "bundle_root"}
+    assert set(params) == written  # every key at the top of evaluate.yaml, each declared
+    assert {"sw_overlap", "previous_stage", "nsd_tolerance_mm"} <= set(params) and "learning_rate" not in params
+    with pytest.raises(RuntimeError, match="read from the ConfigParser evaluating the config"):
+        run_settings(BUNDLE_3D)
 
 
 # --- prepare plan --set, kfold run --set -----------------------------------------------------------------------
