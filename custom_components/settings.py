@@ -33,7 +33,7 @@ import os
 import re
 import sys
 import textwrap
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,9 @@ from pydantic import (
 from custom_components.bundle import expression_ids, running
 from custom_components.config_text import flow
 from custom_components.networks import total_downsampling
-from custom_components.norms import resolve_norm
 from custom_components.plan_file import PLAN_KEY, Plan, read_plan
 from custom_components.settings_declarations import CONFIGS, BundleConfigs, bundle_kinds, declarations
+from custom_components.settings_rules import Problem, architecture_problems, resolution_problems, stage_problems
 from custom_components.settings_types import STRICT, annotation, boolean, describe, list_length, names_text, show
 
 logger = logging.getLogger(__name__)
@@ -64,30 +64,10 @@ META_KEY = "_meta_"
 # MLflow opens no file store (a file:// URI or a path) unless this variable is true: a tracking_uri so stops the run
 FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
 LISTING = "python -m custom_components.settings"
-# keys one `architecture` builds alone: that architecture, and the value that leaves the key out of the other one
-ARCHITECTURE_ONLY = {
-    "skip_connections": ("unet", True),
-    "kernel_sizes": ("dynunet", None),
-    "deep_supervision": ("dynunet", False),
-}
-DYNUNET_MIN_LEVELS = 3  # MONAI's DynUNet builds at least three resolution levels
 YAML_WORDS = {False: "off", True: "on"}  # what YAML 1.1 (PyYAML, MONAI's parser) turns these words into
 
 
 # --- the check ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One setting that cannot be used: the key, the value given, what is wrong and how to fix it."""
-
-    key: str
-    value: Any
-    problem: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.key} = {show(self.value)}: {self.problem}; {self.fix}"
 
 
 @dataclass
@@ -147,60 +127,6 @@ def _error_texts(errors: Sequence[Mapping[str, Any]]) -> str:
             where = f"{where} {'entry' if len(entries) == 1 else 'entries'} {', '.join(map(str, entries))}".strip()
         texts.append(f"{where} {message}".strip())
     return "; ".join(texts)
-
-
-def _architecture_problems(resolved: Mapping[str, Any], applies: Callable[..., bool]) -> list[Problem]:
-    """The network keys that do not fit the ``architecture``: a key of the other architecture set, or what MONAI's
-    DynUNet cannot build (fewer than three levels, weight-standardised convolutions, even kernels)."""
-    architecture = resolved.get("architecture")
-    if architecture is None:
-        return []
-    problems = []
-    for key, (owner, neutral) in ARCHITECTURE_ONLY.items():
-        if architecture != owner and resolved.get(key, neutral) != neutral and applies(key, "architecture"):
-            problems.append(
-                Problem(
-                    key,
-                    resolved[key],
-                    f"is built by architecture {owner} only, and the architecture is {architecture}",
-                    f"set {key} to {show(neutral)}, or architecture to {owner}",
-                )
-            )
-    if architecture != "dynunet":
-        return problems
-    channels, norm, kernels = resolved.get("channels"), resolved.get("norm"), resolved.get("kernel_sizes")
-    if isinstance(channels, list) and len(channels) < DYNUNET_MIN_LEVELS and applies("channels", "architecture"):
-        fix = f"give at least {DYNUNET_MIN_LEVELS} channels (and strides one fewer), or architecture unet"
-        problems.append(Problem("channels", channels, "has fewer levels than dynunet builds", fix))
-    if isinstance(norm, str) and resolve_norm(norm)[1] and applies("norm", "architecture"):
-        fix = "give group_auto (the same GroupNorm without it), or architecture unet"
-        problems.append(Problem("norm", norm, "weight-standardised convolutions are built for unet only", fix))
-    if isinstance(kernels, list) and applies("kernel_sizes", "architecture"):
-        even = [i for i, k in enumerate(kernels) if any(n % 2 == 0 for n in (k if isinstance(k, list) else [k]))]
-        if even:
-            where = f"entry {even[0]} is" if len(even) == 1 else f"entries {', '.join(map(str, even))} are"
-            fix = "give odd kernels (3, or 1 along a coarse axis)"
-            problems.append(Problem("kernel_sizes", kernels, f"{where} even: the sizes would shift", fix))
-    return problems
-
-
-def _resolution_problems(
-    resolved: Mapping[str, Any], configs: BundleConfigs, excluded: Collection[str]
-) -> list[Problem]:
-    """``resolution: coarse`` with ``plan: off``: the coarse spacing is the plan's to choose, so nothing would choose
-    it and the run would train the bundle's spacing and patch, unless ``spacing`` and ``patch_size`` are both set (by
-    hand, or ``excluded``: decided by the plan ``prepare plan`` writes). The two as the bundle's own configs write
-    them are kept: a run folder of a coarse run writes its planned values down with plan off."""
-
-    def own(key: str) -> bool:
-        return key in resolved and any(resolved[key] == value for value in configs.own(key))
-
-    if resolved.get("resolution") != "coarse" or resolved.get("plan") != "off" or (own("resolution") and own("plan")):
-        return []
-    if not any(own(key) and key not in excluded for key in ("spacing", "patch_size")):
-        return []
-    fix = "set plan: auto, or set spacing and patch_size yourself"
-    return [Problem("resolution", "coarse", "the plan chooses the coarse spacing, and plan is off", fix)]
 
 
 def validate(
@@ -362,8 +288,8 @@ def validate(
                         f"give one of: {names_text(catalogue)} (or add an entry to `{section}` in train.yaml)",
                     )
                 )
-    problems.extend(_architecture_problems(resolved, applies))
-    problems.extend(_resolution_problems(resolved, configs, excluded))
+    problems.extend(architecture_problems(resolved, applies))
+    problems.extend(resolution_problems(resolved, configs, excluded))
     order = {key: i for i, key in enumerate(declared)}  # unknown keys first, then as train.yaml lists the keys
     problems.sort(key=lambda problem: order.get(problem.key, -1))
     return checked
@@ -417,7 +343,7 @@ def check_workflow(config: str) -> None:
                 for problem in problems
             ),
         ]
-    problems += _stage_problems({**values, **applied, **checked.converted}, config)
+    problems += stage_problems({**values, **applied, **checked.converted}, config)
     if problems:
         message = report(problems, root, config)
         logger.error("%s", message)
@@ -444,18 +370,6 @@ def check_workflow(config: str) -> None:
         workflow.parser[id] = value
     for key, value in checked.converted.items():
         workflow.parser[key] = value
-
-
-def _stage_problems(values: Mapping[str, Any], config: str) -> list[Problem]:
-    """A training's ``previous_stage`` that cannot be a cascade's first stage (custom_components.cascade), found with
-    the other problems, before the plan or any case is read."""
-    stage = values.get("previous_stage")
-    if config != "train" or not isinstance(stage, str) or expression_ids(stage, "previous_stage"):
-        return []
-    from custom_components.cascade import stage_problem
-
-    problem = stage_problem(stage)
-    return [] if problem is None else [Problem("previous_stage", stage, *problem)]
 
 
 def _plan_values(values: Mapping[str, Any], bundle: Path, config: str) -> tuple[Plan | None, dict[str, Any]]:
