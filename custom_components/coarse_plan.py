@@ -6,7 +6,7 @@ step, the axes over twice finer than the coarsest alone while there are any (a t
 until the others have caught up), then every axis, until the patch it can afford holds a quarter of the median
 volume. The plan (:func:`custom_components.planning.fit_plan`) walks the same spacings, with the network it plans
 at each, and takes the first at which the whole median volume, rounded down to the network's divisor, is a training
-step within its budgets as :func:`custom_components.planning.step_judge` judges it. A judgement measures steps,
+step within its budgets as :func:`custom_components.step_choice.step_judge` judges it. A judgement measures steps,
 seconds each, so :func:`first_fitting` bisects the spacings instead of trying each in turn: a coarser spacing never
 has a larger median volume, so the spacings that fit are the coarse end of the list.
 """

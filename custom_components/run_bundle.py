@@ -28,8 +28,8 @@ from custom_components.config_text import flow, freeze, plain, user_keys
 from custom_components.data import case_id
 from custom_components.networks import total_downsampling
 from custom_components.run_files import atomic_write_bytes, atomic_write_json
-from custom_components.settings_declarations import BundleConfigs, as_parsed, run_sources
-from custom_components.settings_values import active_parser, run_settings
+from custom_components.settings_declarations import as_parsed, run_sources
+from custom_components.settings_values import active_parser, bundle_kind, run_settings
 from custom_components.training_report import TrainingReport
 
 CONFIGS = ("train", "inference", "evaluate", "multi_gpu_train")  # the bundle's workflows, each copied if present
@@ -95,10 +95,11 @@ class RunBundle:
         self.dataset = dict(dataset)
         self.cases = {split: [case_id(str(item["image"])) for item in items] for split, items in cases.items()}
         self.network_in_channels = int(network_in_channels)
-        self.values = run_values(run_settings(bundle_root), paths)
-        self.training_values = {key: plain(value) for key, value in run_settings(bundle_root, "train").items()}
+        kind = bundle_kind(bundle_root)
+        self.values = run_values(run_settings(kind), paths)
+        self.training_values = {key: plain(value) for key, value in run_settings(kind, "train").items()}
         # not written into the run's configs (the machine's keys), logged as MLflow parameters with the others
-        self.machine_values = {"output_dir": str(self.output_dir.resolve()), **run_settings(bundle_root, False)}
+        self.machine_values = {"output_dir": str(self.output_dir.resolve()), **run_settings(kind, False)}
         self.planned = {key: plain(value) for key, value in planned.items()}
         self.previous_stage = previous_stage
         self.enabled = enabled
@@ -450,7 +451,7 @@ def resume_problem(
     keys = set(user_keys(own_text)) - set(RESULT_NEUTRAL)
     own = yaml.safe_load(own_text)
     paths = parser.get(f"{run_bundle_id}#paths", [])
-    kind = BundleConfigs.read(bundle_root).kind("train")
+    kind = bundle_kind(bundle_root)
     ids = {}  # key -> the training key whose value the run bundle writes for it (training values last, as it does)
     for frozen in (True, "train"):
         ids.update({key: source for key, source in run_sources(kind, frozen).items() if key in keys})

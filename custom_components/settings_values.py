@@ -37,10 +37,15 @@ def resolved(sources: Mapping[str, str], parser: ConfigParser | None = None) -> 
     return {key: parser.get_parsed_content(source) for key, source in sources.items()}
 
 
-def run_settings(bundle_root: str | Path, frozen: bool | str = True) -> dict[str, Any]:
-    """The values a run folder of the bundle at ``bundle_root`` writes as ``frozen`` says
+def bundle_kind(bundle_root: str | Path) -> str:
+    """Which declared bundle (``unet3d``, ``unet2d``) the bundle or run folder at ``bundle_root`` is."""
+    return BundleConfigs.read(bundle_root).kind("train")
+
+
+def run_settings(kind: str, frozen: bool | str = True) -> dict[str, Any]:
+    """The values a run folder of bundle ``kind`` writes as ``frozen`` says
     (:func:`custom_components.settings_declarations.run_sources`), resolved in the running training config."""
-    return resolved(run_sources(BundleConfigs.read(bundle_root).kind("train"), frozen))
+    return resolved(run_sources(kind, frozen))
 
 
 def config_settings(bundle_root: str | Path, config: str) -> dict[str, Any]:

@@ -15,8 +15,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from custom_components import plan_network, planning, settings
 from custom_components.data import DatasetError, check_datalist, load_dataset_json
 from custom_components.plan_network import divisibility, dynunet_plan, pool_and_conv_props
-from custom_components.planning import choose_patch_and_batch, make_plan, patch_candidates, target_spacing
+from custom_components.planning import make_plan, patch_candidates, target_spacing
 from custom_components.prepare import main
+from custom_components.step_choice import choose_patch_and_batch
 from custom_components.step_measure import StepMemory
 from custom_components.synthetic import write_dataset
 from custom_components.transforms import intensity_transform

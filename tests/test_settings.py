@@ -182,7 +182,7 @@ def test_the_settings_are_resolved_in_the_parser_running_the_config_or_not_at_al
     assert set(params) == written  # every key at the top of evaluate.yaml, each declared
     assert {"sw_overlap", "previous_stage", "nsd_tolerance_mm"} <= set(params) and "learning_rate" not in params
     with pytest.raises(RuntimeError, match="read from the ConfigParser evaluating the config"):
-        run_settings(BUNDLE_3D)
+        run_settings("unet3d")
 
 
 # --- prepare plan --set, kfold run --set -----------------------------------------------------------------------
