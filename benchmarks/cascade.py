@@ -12,7 +12,9 @@ folds (one ``--seed``), the plans cached in ``OUT/plan_cache``:
   cascade's two stages together, so both train as long);
 - ``coarse``: stage 1, ``resolution=coarse`` (a spacing at which a whole volume fits one patch), ``--minutes``;
 - ``cascade``: stage 2 at full resolution, ``previous_stage=OUT/coarse`` (each case's out-of-fold stage-1 label map as
-  extra input channels), ``--minutes``.
+  extra input channels), ``--minutes``;
+- ``crop``: stage 2 at full resolution on the same stage 1 with ``stage_input=crop`` (trained and predicted inside the
+  box around stage 1's foreground widened by ``stage_margin_mm``), ``--minutes``.
 
 Then ``python -m custom_components.kfold predict`` of each run on the held-out images, timed from start to exit
 (start-up and model loading included; the cascade's runs stage 1 and stage 2), and its label maps scored against the
@@ -22,7 +24,7 @@ in its report.json finished) is not started again and an unfinished one is resum
 prediction recorded in ``cascade.json`` for the same fold models is kept. Run from the repository root:
 
     python benchmarks/cascade.py [--minutes 2] [--single-minutes M] [--cases 12] [--test-cases 3] [--folds 3]
-        [--seed 0] [--runs single coarse cascade] [--shape 200 200 120] [--out runs/bench_cascade]
+        [--seed 0] [--runs single coarse cascade crop] [--shape 200 200 120] [--out runs/bench_cascade]
 
 Writes ``cascade.md`` and ``cascade.json`` into ``--out``; the commands' output goes to ``OUT/logs/``.
 """
@@ -55,7 +57,13 @@ from custom_components.run_files import atomic_write_json
 from custom_components.synthetic import KINDS, write_dataset
 
 KIND = "nodule"
-RUNS = {"single": "single stage", "coarse": "stage 1 alone (coarse)", "cascade": "cascade (stage 1 + 2)"}
+RUNS = {
+    "single": "single stage",
+    "coarse": "stage 1 alone (coarse)",
+    "cascade": "cascade (stage 1 + 2, channels)",
+    "crop": "cascade (stage 1 + 2, crop)",
+}
+STAGE_TWO = ("cascade", "crop")  # the runs on stage 1's out-of-fold maps
 # for the estimate, on 2 CPU cores at the default shape: a fold's time outside its budget (start, plan, data check and
 # cache, final scoring), and a held-out case's in a run (kfold run's own scoring of dataset.json's test cases with
 # the ensemble, then the benchmark's timed prediction: about a minute each)
@@ -97,7 +105,8 @@ def run_sets(name: str, out: Path, args: argparse.Namespace) -> list[str]:
         return [f"time_budget_min={args.single_minutes}", *common]
     if name == "coarse":
         return ["resolution=coarse", f"time_budget_min={args.minutes}", *common]
-    return [f"previous_stage={out / 'coarse'}", f"time_budget_min={args.minutes}", *common]
+    stage = [f"previous_stage={out / 'coarse'}", f"stage_input={'crop' if name == 'crop' else 'channels'}"]
+    return [*stage, f"time_budget_min={args.minutes}", *common]
 
 
 def read_report(run_dir: Path) -> dict[str, Any] | None:
@@ -207,7 +216,7 @@ def row(
     oof = report["summary"]
     hd95 = oof.get("oof_metrics", {}).get("hd95", {})
     minutes = training_minutes(out / name, report)
-    if name == "cascade":
+    if name in STAGE_TWO:
         minutes += training_minutes(out / "coarse", reports["coarse"])
     return {
         "folds_finished": oof["folds_finished"],
@@ -265,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the folds and the training")
     parser.add_argument(
-        "--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (cascade brings coarse with it)"
+        "--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (cascade and crop bring coarse)"
     )
     parser.add_argument(
         "--shape",
@@ -276,11 +285,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     args.single_minutes = args.single_minutes or 2 * args.minutes
-    names = [name for name in RUNS if name in args.runs or (name == "coarse" and "cascade" in args.runs)]
+    names = [name for name in RUNS if name in args.runs or (name == "coarse" and set(STAGE_TWO) & set(args.runs))]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore")
-    budgets = {"single": args.single_minutes, "coarse": args.minutes, "cascade": args.minutes}
+    budgets = {"single": args.single_minutes, "coarse": args.minutes, "cascade": args.minutes, "crop": args.minutes}
     total = sum(args.folds * (budgets[name] + START_MIN) + args.test_cases * PREDICT_MIN for name in names)
     print(
         f"{len(names)} runs of {args.folds} folds: about {total:.0f} min on 2 CPU cores (each fold {START_MIN:g} min "
@@ -316,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{args.single_minutes:g} min (single stage) or {args.minutes:g} min a stage (`time_budget_min`). "
             "OOF: each case scored by the fold model that did not train on it, in the run's validation space "
             "(resampled to its spacing: stage 1's coarse grid for stage 1 alone), means over cases. Training: the "
-            "folds' `training_time_s` summed, both stages for the cascade. Held-out: the K fold models' ensemble "
+            "folds' `training_time_s` summed, both stages for the cascades. Held-out: the K fold models' ensemble "
             "(`kfold predict`) on the held-out cases, scored on each image's own grid; HD95 of a class missed or "
             "falsely found is the image's diagonal. Inference: `kfold predict`'s wall clock over the held-out cases "
             "(start-up and model loading included; the cascade's runs both stages).",

@@ -47,11 +47,11 @@ logger = logging.getLogger(__name__)
 PLAN_MODE_KEY = "plan"  # auto or off
 PLANNED_ID = "planned"  # the train config's id that holds what the plan chose (the run bundle writes it down)
 # the keys a training step's memory and time depend on besides the planned ones: measured with the user's values
-# (a cascade's `previous_stage` adds input channels)
+# (a cascade's `previous_stage` adds input channels, as many as its `stage_input` says)
 STEP_KEYS = (
     "architecture", "channels", "strides", "kernel_sizes", "num_res_units", "norm", "skip_connections", "dropout",
     "deep_supervision", "num_samples", "loss", "optimizer", "amp", "channels_last", "num_folds", "slice_axis",
-    "context_slices", "previous_stage",
+    "context_slices", "previous_stage", "stage_input",
 )  # fmt: skip
 # the keys that change what the plan chooses without being planned (`resolution: coarse`, a coarser spacing): passed
 # to it with the step's keys, and so part of the cache's identity

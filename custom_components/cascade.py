@@ -8,19 +8,29 @@ keeps a copy of stage 1 (:func:`keep_previous_stage`: its folds' configs, weight
 names it in its evaluate and inference configs, so it predicts new images from its own folder: stage 1's fold
 ensemble first (:func:`custom_components.kfold.ensemble.predict`, label maps in ``OUTPUT/previous_stage/``), then
 stage 2 on each image with its map.
+
+``stage_input`` says how stage 2 sees that map: ``channels`` (nnU-Net's cascade, above) or ``crop``: stage 2 trains on
+the box around stage 1's foreground widened by ``stage_margin_mm`` (:class:`StageCropd`) and predicts inside that box
+alone, background outside (:class:`StageCropInferer`); the map then travels as one region channel that neither
+network sees. Scores are measured on the whole image either way, so what stage 1 missed counts as missed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.data.utils import affine_to_spacing
+from monai.inferers import Inferer
+from monai.transforms import MapTransform, SpatialCrop
+from monai.transforms.utils import generate_spatial_bounding_box
+from monai.utils import convert_to_dst_type
 
 from custom_components.data import DatasetError, _exit_on_dataset_error, case_id
 from custom_components.kfold.ensemble import predict
@@ -46,6 +56,8 @@ KFOLD_RUN = (
 )
 # in a stage-2 run folder's evaluate and inference configs: its own copy of stage 1, wherever the folder is moved
 RUN_PREVIOUS_STAGE = f"$@bundle_root + '/{STAGE_DIR}'"
+STAGE_INPUTS = ("channels", "crop")  # how stage 2 sees stage 1's label map (the `stage_input` key)
+BACKGROUND_LOGIT_GAP = 1.0e4  # outside a crop: the background's logit this far above the others (softmax 1 and 0)
 # of a stage-1 fold, what predicting and out-of-fold maps need (not its checkpoint, cache or logs)
 KEPT = ("configs", "models/model.pt", METRICS_FILE, str(EVALUATION_FILE), str(PREDICTIONS_DIR), STAGE_DIR)
 
@@ -54,9 +66,10 @@ class CascadeError(DatasetError):
     """``previous_stage`` cannot serve as a first stage; the message names the folder and the fix."""
 
 
-def stage_channels(previous_stage: str | Path | None, num_classes: int) -> int:
-    """The network's extra input channels: one per foreground class of stage 1's label map, none without one."""
-    return 0 if previous_stage is None else num_classes - 1
+def stage_channels(previous_stage: str | Path | None, num_classes: int, stage_input: str = "channels") -> int:
+    """The network's extra input channels: one per foreground class of stage 1's label map with ``channels``; none
+    with ``crop`` (its region channel is dropped before the network) or without a first stage."""
+    return num_classes - 1 if previous_stage is not None and stage_input == "channels" else 0
 
 
 def stage_problem(previous_stage: str | Path) -> tuple[str, str] | None:
@@ -189,14 +202,21 @@ def _copy(source: Path, target: Path) -> None:
 
 
 class PreviousStageChannelsd(MapTransform):
-    """The stage-1 label map under :data:`PREVIOUS_KEY` appended to the image as one channel per foreground class
-    (1 inside the class, 0 elsewhere), then dropped. After the spatial transforms, which move it with the image
-    (nearest neighbour), so both lie on one grid; the image keeps its metadata and applied operations (inverted
-    from there at inference). ``enabled`` (a ``previous_stage`` is set) and the map's presence must agree."""
+    """The stage-1 label map under :data:`PREVIOUS_KEY` appended to the image, then dropped: with ``channels`` one
+    channel per foreground class (1 inside the class, 0 elsewhere), with ``crop`` one region channel (1 on any
+    foreground) for :class:`StageCropd` and :class:`StageCropInferer` to cut around. After the spatial transforms,
+    which move it with the image (nearest neighbour), so both lie on one grid; the image keeps its metadata and
+    applied operations (inverted from there at inference). ``enabled`` (a ``previous_stage`` is set) and the map's
+    presence must agree."""
 
-    def __init__(self, num_classes: int, enabled: bool, image_key: str = "image") -> None:
+    def __init__(
+        self, num_classes: int, enabled: bool, stage_input: str = "channels", image_key: str = "image"
+    ) -> None:
         super().__init__(keys=[PREVIOUS_KEY], allow_missing_keys=True)
+        if stage_input not in STAGE_INPUTS:
+            raise CascadeError(f"stage_input {stage_input!r} is none of {', '.join(STAGE_INPUTS)}: give one of them")
         self.num_classes, self.enabled, self.image_key = int(num_classes), bool(enabled), image_key
+        self.stage_input = stage_input
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -214,13 +234,91 @@ class PreviousStageChannelsd(MapTransform):
                 f"a stage-1 label map of shape {tuple(labels.shape[1:])} does not lie on its image's grid "
                 f"{tuple(image.shape[1:])}: predict it on the image's own grid (kfold predict does)"
             )
-        classes = torch.arange(1, self.num_classes, device=labels.device).view(-1, *([1] * (labels.ndim - 1)))
-        channels = (labels[:1] == classes).to(image.dtype)
+        if self.stage_input == "crop":
+            channels = (labels[:1] > 0).to(image.dtype)
+        else:
+            classes = torch.arange(1, self.num_classes, device=labels.device).view(-1, *([1] * (labels.ndim - 1)))
+            channels = (labels[:1] == classes).to(image.dtype)
         joined = torch.cat([_plain(image), channels.to(image.device)], dim=0)
         if isinstance(image, MetaTensor):
             joined = MetaTensor(joined, meta=image.meta, applied_operations=image.applied_operations)
         d[self.image_key] = joined
         return d
+
+
+def stage_box(region: torch.Tensor, margin_mm: float, spacing: Sequence[float]) -> tuple[list[int], list[int]]:
+    """Start and end (exclusive) per spatial axis of the box around ``region``'s non-zero voxels (channel first),
+    widened by ``margin_mm`` (whole voxels of ``spacing``, rounded up) and kept inside it; the whole region when it
+    holds nothing, so a case stage 1 found nothing in is searched whole."""
+    margin = [math.ceil(float(margin_mm) / float(step)) for step in spacing]
+    start, end = generate_spatial_bounding_box(region, lambda x: x > 0, margin=margin, allow_smaller=True)
+    if all(b <= a for a, b in zip(start, end, strict=True)):
+        return [0] * (region.ndim - 1), list(region.shape[1:])
+    return [int(v) for v in start], [int(v) for v in end]
+
+
+def grid_spacing(image: torch.Tensor, index: int = 0) -> list[float]:
+    """The voxel size in mm of ``image`` (a MetaTensor, one case or the ``index``-th of a batch); refused for a plain
+    tensor, whose grid is unknown."""
+    if not isinstance(image, MetaTensor):
+        raise CascadeError("stage_input crop needs the image's grid (a MetaTensor with its affine) to widen the box")
+    affine = image.affine
+    affine = affine[index] if affine.ndim == 3 else affine
+    return [float(v) for v in affine_to_spacing(affine, r=image.ndim - (2 if image.is_batch else 1))]
+
+
+class StageCropd(MapTransform):
+    """``stage_input: crop`` in training: ``keys`` (the image and label) cut to :func:`stage_box` of the image's last
+    channel (stage 1's region, from :class:`PreviousStageChannelsd`), which is then dropped. Off (as it is) when not
+    ``enabled``: without a first stage, or with ``channels``."""
+
+    def __init__(self, keys: Sequence[str], margin_mm: float, enabled: bool, image_key: str = "image") -> None:
+        super().__init__(keys=keys, allow_missing_keys=True)
+        self.margin_mm, self.enabled, self.image_key = float(margin_mm), bool(enabled), image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        image = d[self.image_key]
+        start, end = stage_box(_plain(image[-1:]), self.margin_mm, grid_spacing(image))
+        crop = SpatialCrop(roi_start=start, roi_end=end)
+        d[self.image_key] = image[:-1]
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
+        return d
+
+
+class StageCropInferer(Inferer):
+    """``stage_input: crop`` when predicting: ``inferer`` runs on the image channels inside :func:`stage_box` of the
+    last channel (stage 1's region) alone; outside it the output is certain background (its logit
+    :data:`BACKGROUND_LOGIT_GAP` above the others), so the scores and label maps cover the whole image."""
+
+    def __init__(self, inferer: Callable[..., torch.Tensor], margin_mm: float) -> None:
+        super().__init__()
+        self.inferer, self.margin_mm = inferer, float(margin_mm)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        outputs, plain = [], _plain(inputs)
+        for index in range(inputs.shape[0]):
+            case = plain[index : index + 1]
+            start, end = stage_box(case[0, -1:], self.margin_mm, grid_spacing(inputs, index))
+            box = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
+            inside = self.inferer(case[(slice(None), slice(0, -1), *box)], network, *args, **kwargs)
+            output = torch.full(
+                (1, inside.shape[1], *case.shape[2:]), -BACKGROUND_LOGIT_GAP, dtype=inside.dtype, device=inside.device
+            )
+            output[:, 0] = 0.0
+            output[(slice(None), slice(None), *box)] = _plain(inside)
+            outputs.append(output)
+        return convert_to_dst_type(torch.cat(outputs), inputs, dtype=outputs[0].dtype)[0]  # the image's metadata
+
+
+def stage_inferer(
+    inferer: Callable[..., torch.Tensor], previous_stage: str | Path | None, stage_input: str, margin_mm: float
+) -> Callable[..., torch.Tensor]:
+    """``inferer`` itself, or with a first stage and ``stage_input: crop`` inside :class:`StageCropInferer`."""
+    return StageCropInferer(inferer, margin_mm) if previous_stage is not None and stage_input == "crop" else inferer
 
 
 def _plain(tensor: Any) -> torch.Tensor:
@@ -232,9 +330,14 @@ __all__ = [
     "CascadeError",
     "PreviousStageChannelsd",
     "RUN_PREVIOUS_STAGE",
+    "STAGE_INPUTS",
+    "StageCropInferer",
+    "StageCropd",
     "keep_previous_stage",
     "read_stage_maps",
+    "stage_box",
     "stage_channels",
+    "stage_inferer",
     "stage_problem",
     "with_stage_maps",
 ]

@@ -50,7 +50,13 @@ from custom_components.config_text import flow
 from custom_components.networks import total_downsampling
 from custom_components.plan_file import PLAN_KEY, Plan, read_plan
 from custom_components.settings_declarations import CONFIGS, BundleConfigs, bundle_kinds, declarations
-from custom_components.settings_rules import Problem, architecture_problems, resolution_problems, stage_problems
+from custom_components.settings_rules import (
+    Problem,
+    architecture_problems,
+    resolution_problems,
+    stage_input_problems,
+    stage_problems,
+)
 from custom_components.settings_types import STRICT, annotation, boolean, describe, list_length, names_text, show
 
 logger = logging.getLogger(__name__)
@@ -290,6 +296,7 @@ def validate(
                 )
     problems.extend(architecture_problems(resolved, applies))
     problems.extend(resolution_problems(resolved, configs, excluded))
+    problems.extend(stage_input_problems(resolved, applies))
     order = {key: i for i, key in enumerate(declared)}  # unknown keys first, then as train.yaml lists the keys
     problems.sort(key=lambda problem: order.get(problem.key, -1))
     return checked

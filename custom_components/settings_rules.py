@@ -1,7 +1,7 @@
 """The settings check's rules across keys, each a list of :class:`Problem` (key, value, what is wrong, the fix):
 the network keys one ``architecture`` builds alone, ``resolution: coarse`` without a plan to choose its spacing, and a
-cascade's ``previous_stage`` that cannot serve as its first stage. custom_components.settings runs them with the
-checks of each key."""
+cascade's ``previous_stage`` that cannot serve as its first stage or a ``stage_input: crop`` without one.
+custom_components.settings runs them with the checks of each key."""
 
 from __future__ import annotations
 
@@ -88,6 +88,17 @@ def resolution_problems(
         return []
     fix = "set plan: auto, or set spacing and patch_size yourself"
     return [Problem("resolution", "coarse", "the plan chooses the coarse spacing, and plan is off", fix)]
+
+
+def stage_input_problems(resolved: Mapping[str, Any], applies: Callable[..., bool]) -> list[Problem]:
+    """``stage_input: crop`` with ``previous_stage`` null: there is no first stage to crop around (a run folder's
+    expression naming its copy is not resolved here, and so not null)."""
+    if resolved.get("stage_input") != "crop" or "previous_stage" not in resolved or resolved["previous_stage"]:
+        return []
+    if not applies("stage_input", "previous_stage"):
+        return []
+    fix = "set previous_stage to a first stage's `kfold run` folder, or stage_input to channels"
+    return [Problem("stage_input", "crop", "crops around a first stage's foreground, and previous_stage is null", fix)]
 
 
 def stage_problems(values: Mapping[str, Any], config: str) -> list[Problem]:

@@ -78,11 +78,13 @@ def _user_keys(path: str) -> set[str]:
 
 def test_swapping_the_config_path_is_the_only_change() -> None:
     # every key of the 3D bundle exists in the 2D one: swapping the config path is the only change a user makes,
-    # but for the cascade's keys (a coarse 3D stage, and its label maps as input channels: 3D alone, as in nnU-Net)
-    cascade = {"resolution", "previous_stage"}
+    # but for the cascade's keys (a coarse 3D stage, and its label maps as input channels or a crop: 3D alone, as in
+    # nnU-Net)
+    cascade = {"resolution", "previous_stage", "stage_input", "stage_margin_mm"}
     assert set(declarations("unet3d")) - set(declarations("unet2d")) == cascade
     assert _user_keys(TRAIN_3D) - cascade <= _user_keys(TRAIN_2D)
     # given to the 2D bundle, they are named as the 3D bundle's, not as unknown keys
-    problems = check({"resolution": "coarse", "previous_stage": "runs/coarse"}, REPO / "bundles/unet2d", "train")
+    given = {"resolution": "coarse", "previous_stage": "runs/coarse", "stage_input": "crop", "stage_margin_mm": 5.0}
+    problems = check(given, REPO / "bundles/unet2d", "train")
     named = sorted((problem.key, problem.problem) for problem in problems)
     assert named == [(key, "a key of bundles/unet3d only") for key in sorted(cascade)]

@@ -1,6 +1,7 @@
 """nnU-Net's cascade through the user's commands: `kfold select --cascade` cross-validates a first stage
 (`resolution: coarse`) and a second stage on its out-of-fold label maps (`previous_stage`) beside the single stage;
-the second stage's run folders predict with both stages from anywhere, and unusable first stages are refused."""
+the second stage's run folders predict with both stages from anywhere, and unusable first stages are refused. The
+crop variant (`stage_input: crop`) trains and predicts inside the box around the first stage's foreground."""
 
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
-from custom_components.cascade import CascadeError, PreviousStageChannelsd, with_stage_maps
+from custom_components import settings
+from custom_components.cascade import (
+    CascadeError,
+    PreviousStageChannelsd,
+    StageCropd,
+    StageCropInferer,
+    with_stage_maps,
+)
 from custom_components.data import check_datalist, load_dataset_json
 from custom_components.publish import PublishError, publish
 from custom_components.synthetic import write_dataset
@@ -182,3 +191,96 @@ def test_a_stage_two_run_is_not_published_as_a_one_model_bundle(cascade: SimpleN
     with pytest.raises(PublishError, match="is a cascade's second stage: it predicts with its first stage's fold"):
         publish(cascade.stage2 / "fold_0", tmp_path / "zoo")
     assert not (tmp_path / "zoo").exists()
+
+
+def _grid(shape: tuple[int, ...], spacing: tuple[float, float, float], region: tuple[slice, ...]) -> MetaTensor:
+    """An image of ``shape`` (channel first, random values) on a grid of ``spacing`` mm whose last channel is 1 on
+    ``region``: what PreviousStageChannelsd hands on with ``stage_input: crop``."""
+    image = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    image[-1] = 0
+    if region:
+        image[(-1, *region)] = 1
+    return MetaTensor(image, affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)))
+
+
+def test_crop_mode_trains_on_the_box_around_the_first_stage_foreground() -> None:
+    previous = torch.zeros(1, 20, 16, 12, dtype=torch.long)
+    previous[0, 5:7, 8, 3:5] = 2
+    region = PreviousStageChannelsd(num_classes=3, enabled=True, stage_input="crop")(
+        {"image": torch.randn(1, 20, 16, 12), "previous": previous}
+    )["image"]
+    assert region.shape == (2, 20, 16, 12) and torch.equal(region[1], (previous[0] > 0).float())
+
+    image = _grid((2, 20, 16, 12), (1.0, 2.0, 3.0), (slice(5, 7), slice(8, 9), slice(3, 5)))
+    label = MetaTensor(torch.arange(20 * 16 * 12).reshape(1, 20, 16, 12), affine=image.affine)
+    cut = StageCropd(["image", "label"], margin_mm=4.0, enabled=True)({"image": image, "label": label})
+    # 4 mm: 4, 2 and 2 voxels (rounded up) on every side, kept inside the image
+    assert cut["image"].shape == (1, 10, 5, 6) and cut["label"].shape == (1, 10, 5, 6)
+    assert torch.equal(cut["image"][0], image[0, 1:11, 6:11, 1:7])
+    assert torch.equal(cut["label"], label[:, 1:11, 6:11, 1:7])
+    # stage 1 found nothing: the whole case, without its region channel
+    empty = StageCropd(["image", "label"], 4.0, True)({"image": _grid((2, 20, 16, 12), (1, 1, 1), ()), "label": label})
+    assert empty["image"].shape == (1, 20, 16, 12) and empty["label"].shape == (1, 20, 16, 12)
+    assert StageCropd(["image", "label"], 4.0, False)({"image": image})["image"].shape == (2, 20, 16, 12)
+    with pytest.raises(CascadeError, match="needs the image's grid"):
+        StageCropd(["image"], 4.0, True)({"image": torch.zeros(2, 4, 4, 4)})
+
+
+def test_crop_mode_predicts_inside_the_box_alone_and_background_elsewhere() -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def inner(inputs: torch.Tensor, network: object) -> torch.Tensor:
+        seen.append(tuple(inputs.shape))
+        return torch.stack([torch.zeros_like(inputs[:, 0]), inputs[:, 0].abs() + 1, torch.zeros_like(inputs[:, 0])], 1)
+
+    image = _grid((2, 20, 16, 12), (1.0, 2.0, 3.0), (slice(5, 7), slice(8, 9), slice(3, 5)))
+    batch = MetaTensor(image.as_tensor()[None], affine=image.affine[None])
+    batch.is_batch = True
+    out = StageCropInferer(inner, margin_mm=4.0)(batch, network=None)
+    assert seen == [(1, 1, 10, 5, 6)]  # the image channel inside the box, not the region channel
+    assert out.shape == (1, 3, 20, 16, 12)
+    labels = out.argmax(1)[0]
+    inside = torch.zeros(20, 16, 12, dtype=torch.bool)
+    inside[1:11, 6:11, 1:7] = True
+    assert bool((labels[inside] == 1).all()) and bool((labels[~inside] == 0).all())
+    assert torch.allclose(torch.softmax(out, 1)[0, 0][~inside], torch.ones(()))
+    assert torch.equal(out[0, 1, 1:11, 6:11, 1:7], image[0, 1:11, 6:11, 1:7].abs() + 1)
+    # nothing found by stage 1: the whole image is searched
+    whole = MetaTensor(_grid((2, 20, 16, 12), (1, 1, 1), ()).as_tensor()[None], affine=image.affine[None])
+    whole.is_batch = True
+    StageCropInferer(inner, 4.0)(whole, network=None)
+    assert seen[-1] == (1, 1, 20, 16, 12)
+
+
+def test_crop_mode_needs_a_first_stage() -> None:
+    problems = settings.check({"stage_input": "crop"}, Path("bundles/unet3d").resolve(), "train")
+    fix = "set previous_stage to a first stage's `kfold run` folder, or stage_input to channels"
+    assert [str(p) for p in problems] == [
+        f'stage_input = "crop": crops around a first stage\'s foreground, and previous_stage is null; {fix}'
+    ]
+    assert settings.check({"stage_margin_mm": -1.0}, Path("bundles/unet3d").resolve(), "train")[0].key == (
+        "stage_margin_mm"
+    )
+
+
+def test_a_crop_stage_two_trains_and_predicts_from_its_run_folder(cascade: SimpleNamespace, tmp_path: Path) -> None:
+    run = tmp_path / "crop"
+    keys = {**KEYS, "dataset_dir": cascade.dataset, "output_dir": run, "previous_stage": cascade.stage1}
+    run_bundle("bundles/unet3d/configs/train.yaml", {**keys, "stage_input": "crop", "stage_margin_mm": 6.0})
+    assert first_conv_inputs(run) == 1  # the region channel is cut around, never seen by the network
+    assert "stage_input: crop" in (run / "configs" / "inference.yaml").read_text()
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(cascade.image, images / "scan.nii.gz")
+    run_bundle(run / "configs" / "inference.yaml", {"input_dir": images, "output_dir": tmp_path / "out"}, "inference")
+    source, label = nib.load(images / "scan.nii.gz"), nib.load(tmp_path / "out" / "scan_seg.nii.gz")
+    assert label.shape == source.shape and np.allclose(label.affine, source.affine, atol=1e-4)
+    first = np.asarray(nib.load(tmp_path / "out" / "previous_stage" / "scan_seg.nii.gz").dataobj) > 0
+    found = np.asarray(label.dataobj) > 0
+    if first.any():  # foreground only within stage 1's box widened by the margin (and a voxel of resampling)
+        spacing = np.abs(np.diag(source.affine)[:3])
+        reach = np.ceil(6.0 / spacing).astype(int) + 2
+        lows, highs = np.argwhere(first).min(0) - reach, np.argwhere(first).max(0) + reach
+        outside = np.ones_like(found)
+        outside[tuple(slice(max(lo, 0), hi + 1) for lo, hi in zip(lows, highs, strict=True))] = False
+        assert not found[outside].any()
