@@ -262,9 +262,8 @@ def grid_spacing(image: torch.Tensor, index: int = 0) -> list[float]:
     tensor, whose grid is unknown."""
     if not isinstance(image, MetaTensor):
         raise CascadeError("stage_input crop needs the image's grid (a MetaTensor with its affine) to widen the box")
-    affine = image.affine
-    affine = affine[index] if affine.ndim == 3 else affine
-    return [float(v) for v in affine_to_spacing(affine, r=image.ndim - (2 if image.is_batch else 1))]
+    affine = image.affine[index] if image.affine.ndim == 3 else image.affine  # a batch's affines, or one
+    return [float(v) for v in affine_to_spacing(affine, r=affine.shape[-1] - 1)]
 
 
 class StageCropd(MapTransform):

@@ -27,6 +27,7 @@ from custom_components.cascade import (
     with_stage_maps,
 )
 from custom_components.data import check_datalist, load_dataset_json
+from custom_components.inference import flip_tta
 from custom_components.publish import PublishError, publish
 from custom_components.synthetic import write_dataset
 from tests.conftest import SMALL_3D, USER_CWD, run_bundle
@@ -245,6 +246,10 @@ def test_crop_mode_predicts_inside_the_box_alone_and_background_elsewhere() -> N
     assert bool((labels[inside] == 1).all()) and bool((labels[~inside] == 0).all())
     assert torch.allclose(torch.softmax(out, 1)[0, 0][~inside], torch.ones(()))
     assert torch.equal(out[0, 1, 1:11, 6:11, 1:7], image[0, 1:11, 6:11, 1:7].abs() + 1)
+    # inside flip test-time augmentation, as evaluation and inference with `tta` wrap it: the same box
+    flipped = flip_tta(StageCropInferer(inner, 4.0), True, None, 3)(batch, None)
+    assert seen[-1] == (1, 1, 10, 5, 6) and bool((flipped.argmax(1)[0][~inside] == 0).all())
+    assert bool((flipped.argmax(1)[0][inside] == 1).all())
     # nothing found by stage 1: the whole image is searched
     whole = MetaTensor(_grid((2, 20, 16, 12), (1, 1, 1), ()).as_tensor()[None], affine=image.affine[None])
     whole.is_batch = True
