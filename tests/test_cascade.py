@@ -45,7 +45,8 @@ KEYS = {
 @pytest.fixture(scope="module")
 def cascade(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """The user's `kfold select --cascade` of the 3D bundle on 6 cases (one more is held out) in 2 folds: the
-    single-stage bundle, stage 1 (`unet3d_coarse`) and stage 2 on its out-of-fold maps (`unet3d_cascade`)."""
+    single-stage bundle, stage 1 (`unet3d_coarse`) and stage 2 on its out-of-fold maps as channels (`unet3d_cascade`)
+    and as crops (`unet3d_cascade_crop`)."""
     root = tmp_path_factory.mktemp("cascade")
     dataset = write_dataset(root / "data", cases=7, seed=3, shape=(40, 40, 16))
     description = json.loads((dataset / "dataset.json").read_text())
@@ -61,6 +62,7 @@ def cascade(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         selection=root / "select",
         stage1=root / "select" / "unet3d_coarse",
         stage2=root / "select" / "unet3d_cascade",
+        crop=root / "select" / "unet3d_cascade_crop",
         image=dataset / held_out["image"],
     )
 
@@ -177,7 +179,7 @@ def test_first_stages_that_cannot_serve_are_refused_with_the_fix(cascade: Simple
 
 def test_select_compares_the_cascade_with_the_single_stage_bundle(cascade: SimpleNamespace) -> None:
     selection = json.loads((cascade.selection / "selection.json").read_text())
-    stages = ("unet3d", "unet3d_coarse", "unet3d_cascade")
+    stages = ("unet3d", "unet3d_coarse", "unet3d_cascade", "unet3d_cascade_crop")
     assert {*stages, "unet3d+unet3d_cascade", "unet3d+unet3d_coarse+unet3d_cascade"} <= set(selection["configurations"])
     for name in stages:  # every configuration scored on all 6 cases out of fold
         assert len(selection["configurations"][name]["cases"]) == 6
@@ -185,6 +187,10 @@ def test_select_compares_the_cascade_with_the_single_stage_bundle(cascade: Simpl
     plans = json.loads((cascade.selection / "select.json").read_text())["plans"]
     assert plans["unet3d_coarse"]["resolution"] == "coarse" and "previous_stage" not in plans["unet3d"]
     assert plans["unet3d_cascade"]["previous_stage"] == str(cascade.stage1)
+    assert plans["unet3d_cascade_crop"]["previous_stage"] == str(cascade.stage1)
+    assert (
+        plans["unet3d_cascade_crop"]["stage_input"] == "crop" and plans["unet3d_cascade"]["stage_input"] == "channels"
+    )
     assert "`unet3d_coarse/`, `unet3d_cascade/`" in (cascade.selection / "selection.md").read_text()
 
 
@@ -268,23 +274,27 @@ def test_crop_mode_needs_a_first_stage() -> None:
     )
 
 
-def test_a_crop_stage_two_trains_and_predicts_from_its_run_folder(cascade: SimpleNamespace, tmp_path: Path) -> None:
-    run = tmp_path / "crop"
-    keys = {**KEYS, "dataset_dir": cascade.dataset, "output_dir": run, "previous_stage": cascade.stage1}
-    run_bundle("bundles/unet3d/configs/train.yaml", {**keys, "stage_input": "crop", "stage_margin_mm": 6.0})
+def test_a_crop_stage_two_predicts_from_its_moved_run_folder(cascade: SimpleNamespace, tmp_path: Path) -> None:
+    run = Path(shutil.copytree(cascade.crop / "fold_0", tmp_path / "model"))
     assert first_conv_inputs(run) == 1  # the region channel is cut around, never seen by the network
     assert "stage_input: crop" in (run / "configs" / "inference.yaml").read_text()
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(cascade.image, images / "scan.nii.gz")
-    run_bundle(run / "configs" / "inference.yaml", {"input_dir": images, "output_dir": tmp_path / "out"}, "inference")
+    hidden = cascade.stage1.rename(cascade.root / "stage1_hidden")  # the run folder alone must do
+    try:
+        run_bundle(
+            run / "configs" / "inference.yaml", {"input_dir": images, "output_dir": tmp_path / "out"}, "inference"
+        )
+    finally:
+        hidden.rename(cascade.stage1)
     source, label = nib.load(images / "scan.nii.gz"), nib.load(tmp_path / "out" / "scan_seg.nii.gz")
     assert label.shape == source.shape and np.allclose(label.affine, source.affine, atol=1e-4)
     first = np.asarray(nib.load(tmp_path / "out" / "previous_stage" / "scan_seg.nii.gz").dataobj) > 0
     found = np.asarray(label.dataobj) > 0
-    if first.any():  # foreground only within stage 1's box widened by the margin (and a voxel of resampling)
+    if first.any():  # foreground only within stage 1's box widened by the margin (and two voxels of resampling)
         spacing = np.abs(np.diag(source.affine)[:3])
-        reach = np.ceil(6.0 / spacing).astype(int) + 2
+        reach = np.ceil(10.0 / spacing).astype(int) + 2
         lows, highs = np.argwhere(first).min(0) - reach, np.argwhere(first).max(0) + reach
         outside = np.ones_like(found)
         outside[tuple(slice(max(lo, 0), hi + 1) for lo, hi in zip(lows, highs, strict=True))] = False

@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
         "--cascade",
         action="store_true",
         help="also nnU-Net's cascade of the 3D bundle: unet3d_coarse (resolution coarse, whole volumes) and "
-        "unet3d_cascade (full resolution on its out-of-fold label maps)",
+        "unet3d_cascade (full resolution on its out-of-fold label maps as channels) and unet3d_cascade_crop (full "
+        "resolution inside the box around them)",
     )
 
     report = commands.add_parser(

@@ -64,8 +64,9 @@ ENSEMBLE_JOIN = "+"  # an ensemble's name: its members joined, e.g. unet2d+unet3
 DEFAULT_BUNDLES = ("unet2d", "unet3d")
 SELECT_IDENTITY = ("bundles", "dataset_dir", "folds", "seed", "overrides", "time_budget_min", "memory_gb")
 PROBABILITIES = {"save_probabilities": True}  # each fold's scoring keeps its validation cases' probabilities
-# `--cascade`: nnU-Net's cascade of the 3D bundle as two more configurations, stage 1 cross-validated first
-COARSE, CASCADE = "unet3d_coarse", "unet3d_cascade"
+# `--cascade`: the 3D bundle's cascade as three more configurations, stage 1 cross-validated first, then stage 2 on
+# its out-of-fold maps as channels (nnU-Net's) and on crops around them
+COARSE, CASCADE, CASCADE_CROP = "unet3d_coarse", "unet3d_cascade", "unet3d_cascade_crop"
 
 
 def find_bundles(names: Sequence[str]) -> dict[str, Bundle]:
@@ -85,15 +86,17 @@ def find_bundles(names: Sequence[str]) -> dict[str, Bundle]:
 def configurations(names: Sequence[str], cascade: bool, output: Path) -> dict[str, tuple[Bundle, dict[str, Any]]]:
     """Each configuration to cross-validate: its bundle and the keys that make it what it is. The ``--bundles``
     as they are; with ``cascade`` also the 3D bundle at ``resolution: coarse`` (:data:`COARSE`) and the 3D bundle on
-    that configuration's out-of-fold label maps (:data:`CASCADE`, ``previous_stage``)."""
+    that configuration's out-of-fold label maps (``previous_stage``), as input channels (:data:`CASCADE`) and as the
+    box it is trained and predicts in (:data:`CASCADE_CROP`, ``stage_input: crop``)."""
     found = {name: (bundle, {}) for name, bundle in find_bundles(names).items()}
     if cascade:
-        clash = sorted({COARSE, CASCADE} & set(found))
+        clash = sorted({COARSE, CASCADE, CASCADE_CROP} & set(found))
         if clash:
             raise KFoldError(f"--bundles names {', '.join(clash)}, the name --cascade gives its stages: rename it")
         unet3d = found["unet3d"][0] if "unet3d" in found else Bundle.find(REPO_ROOT / "bundles" / "unet3d")
         found[COARSE] = (unet3d, {"resolution": "coarse"})
-        found[CASCADE] = (unet3d, {"previous_stage": str(output / COARSE)})
+        found[CASCADE] = (unet3d, {"previous_stage": str(output / COARSE), "stage_input": "channels"})
+        found[CASCADE_CROP] = (unet3d, {"previous_stage": str(output / COARSE), "stage_input": "crop"})
     return found
 
 
