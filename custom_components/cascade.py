@@ -1,18 +1,19 @@
-"""nnU-Net's cascade: a first stage's label maps as extra input channels of a full-resolution second stage.
+"""A cascade of the 3D bundle, as nnU-Net's: a first stage's label maps guide a full-resolution second stage.
 
 Stage 1 is a cross-validated run of the 3D bundle (``kfold run``, usually with ``resolution: coarse``). Stage 2
 trains with ``previous_stage`` naming that run's folder: each case gets the label map stage 1 predicted for it out
 of fold (by the fold that held it out, never by a model that trained on it, as nnU-Net does), and
-:class:`PreviousStageChannelsd` appends it to the image as one channel per foreground class. A stage-2 run folder
-keeps a copy of stage 1 (:func:`keep_previous_stage`: its folds' configs, weights and out-of-fold label maps) and
-names it in its evaluate and inference configs, so it predicts new images from its own folder: stage 1's fold
-ensemble first (:func:`custom_components.kfold.ensemble.predict`, label maps in ``OUTPUT/previous_stage/``), then
-stage 2 on each image with its map.
+:class:`PreviousStageChannelsd` appends it to the image. A stage-2 run folder keeps a copy of stage 1
+(:func:`keep_previous_stage`: its folds' configs, weights and out-of-fold label maps) and names it in its evaluate
+and inference configs, so it predicts new images from its own folder: stage 1's fold ensemble first
+(:func:`custom_components.kfold.ensemble.predict`, label maps in ``OUTPUT/previous_stage/``), then stage 2 on each
+image with its map.
 
-``stage_input`` says how stage 2 sees that map: ``channels`` (nnU-Net's cascade, above) or ``crop``: stage 2 trains on
-the box around stage 1's foreground widened by ``stage_margin_mm`` (:class:`StageCropd`) and predicts inside that box
-alone, background outside (:class:`StageCropInferer`); the map then travels as one region channel that neither
-network sees. Scores are measured on the whole image either way, so what stage 1 missed counts as missed.
+``stage_input`` says how stage 2 sees the map. ``crop`` (the default, measured better in benchmarks/RESULTS.md):
+stage 2 trains on the box around stage 1's foreground widened by ``stage_margin_mm`` (:class:`StageCropd`) and
+predicts inside that box alone, background outside (:class:`StageCropInferer`); the map travels as one region
+channel that no network sees. ``channels`` (nnU-Net's): one input channel per foreground class, the whole image
+searched. Scores are measured on the whole image either way, so what stage 1 missed counts as missed.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class CascadeError(DatasetError):
     """``previous_stage`` cannot serve as a first stage; the message names the folder and the fix."""
 
 
-def stage_channels(previous_stage: str | Path | None, num_classes: int, stage_input: str = "channels") -> int:
+def stage_channels(previous_stage: str | Path | None, num_classes: int, stage_input: str) -> int:
     """The network's extra input channels: one per foreground class of stage 1's label map with ``channels``; none
     with ``crop`` (its region channel is dropped before the network) or without a first stage."""
     return num_classes - 1 if previous_stage is not None and stage_input == "channels" else 0
@@ -209,9 +210,7 @@ class PreviousStageChannelsd(MapTransform):
     applied operations (inverted from there at inference). ``enabled`` (a ``previous_stage`` is set) and the map's
     presence must agree."""
 
-    def __init__(
-        self, num_classes: int, enabled: bool, stage_input: str = "channels", image_key: str = "image"
-    ) -> None:
+    def __init__(self, num_classes: int, enabled: bool, stage_input: str, image_key: str = "image") -> None:
         super().__init__(keys=[PREVIOUS_KEY], allow_missing_keys=True)
         if stage_input not in STAGE_INPUTS:
             raise CascadeError(f"stage_input {stage_input!r} is none of {', '.join(STAGE_INPUTS)}: give one of them")

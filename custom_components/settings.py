@@ -296,7 +296,7 @@ def validate(
                 )
     problems.extend(architecture_problems(resolved, applies))
     problems.extend(resolution_problems(resolved, configs, excluded))
-    problems.extend(stage_input_problems(resolved, applies))
+    problems.extend(stage_input_problems(resolved, configs, applies))
     order = {key: i for i, key in enumerate(declared)}  # unknown keys first, then as train.yaml lists the keys
     problems.sort(key=lambda problem: order.get(problem.key, -1))
     return checked

@@ -1,6 +1,6 @@
 """The settings check's rules across keys, each a list of :class:`Problem` (key, value, what is wrong, the fix):
 the network keys one ``architecture`` builds alone, ``resolution: coarse`` without a plan to choose its spacing, and a
-cascade's ``previous_stage`` that cannot serve as its first stage or a ``stage_input: crop`` without one.
+cascade's ``previous_stage`` that cannot serve as its first stage or a ``stage_input`` set without one.
 custom_components.settings runs them with the checks of each key."""
 
 from __future__ import annotations
@@ -90,15 +90,23 @@ def resolution_problems(
     return [Problem("resolution", "coarse", "the plan chooses the coarse spacing, and plan is off", fix)]
 
 
-def stage_input_problems(resolved: Mapping[str, Any], applies: Callable[..., bool]) -> list[Problem]:
-    """``stage_input: crop`` with ``previous_stage`` null: there is no first stage to crop around (a run folder's
-    expression naming its copy is not resolved here, and so not null)."""
-    if resolved.get("stage_input") != "crop" or "previous_stage" not in resolved or resolved["previous_stage"]:
+def stage_input_problems(
+    resolved: Mapping[str, Any], configs: BundleConfigs, applies: Callable[..., bool]
+) -> list[Problem]:
+    """A ``stage_input`` other than the bundle's own with ``previous_stage`` null: it would change nothing, there
+    being no first stage. The bundle's own value in a one-stage run is inert, and a run folder's expression naming
+    its copy of stage 1 is not resolved here (so not null)."""
+    value = resolved.get("stage_input")
+    if value is None or "previous_stage" not in resolved or resolved["previous_stage"] is not None:
         return []
-    if not applies("stage_input", "previous_stage"):
+    if not applies("stage_input") or any(value == own for own in configs.own("stage_input")):
         return []
-    fix = "set previous_stage to a first stage's `kfold run` folder, or stage_input to channels"
-    return [Problem("stage_input", "crop", "crops around a first stage's foreground, and previous_stage is null", fix)]
+    fix = "set previous_stage to a first stage's `kfold run` folder, or leave stage_input out"
+    return [
+        Problem(
+            "stage_input", value, "says how a cascade's second stage sees its first, and previous_stage is null", fix
+        )
+    ]
 
 
 def stage_problems(values: Mapping[str, Any], config: str) -> list[Problem]:

@@ -91,15 +91,15 @@ def test_stage_two_takes_the_maps_as_one_channel_per_class(cascade: SimpleNamesp
     assert first_conv_inputs(cascade.stage1 / "fold_0") == 1
     assert first_conv_inputs(cascade.stage2 / "fold_0") == 1 + len(CLASSES)
     image, previous = torch.randn(1, 4, 5, 6), torch.randint(0, 3, (1, 4, 5, 6))
-    joined = PreviousStageChannelsd(num_classes=3, enabled=True)({"image": image, "previous": previous})
+    joined = PreviousStageChannelsd(3, True, "channels")({"image": image, "previous": previous})
     assert set(joined) == {"image"} and joined["image"].shape == (3, 4, 5, 6)
     assert torch.equal(joined["image"][0], image[0])
     for label in (1, 2):
         assert torch.equal(joined["image"][label], (previous[0] == label).float())
     with pytest.raises(CascadeError, match="lacks a stage-1 label map"):
-        PreviousStageChannelsd(num_classes=3, enabled=True)({"image": image})
+        PreviousStageChannelsd(3, True, "channels")({"image": image})
     with pytest.raises(CascadeError, match="has a stage-1 label map .* previous_stage is null"):
-        PreviousStageChannelsd(num_classes=3, enabled=False)({"image": image, "previous": previous})
+        PreviousStageChannelsd(3, False, "channels")({"image": image, "previous": previous})
 
 
 def test_stage_two_folds_are_scored_on_out_of_fold_maps_and_keep_stage_one(cascade: SimpleNamespace) -> None:
@@ -263,12 +263,13 @@ def test_crop_mode_predicts_inside_the_box_alone_and_background_elsewhere() -> N
     assert seen[-1] == (1, 1, 20, 16, 12)
 
 
-def test_crop_mode_needs_a_first_stage() -> None:
-    problems = settings.check({"stage_input": "crop"}, Path("bundles/unet3d").resolve(), "train")
-    fix = "set previous_stage to a first stage's `kfold run` folder, or stage_input to channels"
-    assert [str(p) for p in problems] == [
-        f'stage_input = "crop": crops around a first stage\'s foreground, and previous_stage is null; {fix}'
-    ]
+def test_a_stage_input_set_without_a_first_stage_is_refused() -> None:
+    bundle = Path("bundles/unet3d").resolve()
+    problems = settings.check({"stage_input": "channels"}, bundle, "train")
+    fix = "set previous_stage to a first stage's `kfold run` folder, or leave stage_input out"
+    why = "says how a cascade's second stage sees its first, and previous_stage is null"
+    assert [str(p) for p in problems] == [f'stage_input = "channels": {why}; {fix}']
+    assert settings.check({"stage_input": "crop"}, bundle, "train") == []  # the default, inert in one stage
     assert settings.check({"stage_margin_mm": -1.0}, Path("bundles/unet3d").resolve(), "train")[0].key == (
         "stage_margin_mm"
     )

@@ -196,12 +196,14 @@ def test_a_cascade_stage_is_planned_with_its_extra_channels_and_cached_apart(lar
     """Stage 2's step takes the image and one channel per foreground class of stage 1's map: the step the plan
     measures is built with them, and its plan is not the single stage's."""
     stage1 = str(tmp_path / "stage1")
-    parser = bundle_parser(bundle_config(3), {"previous_stage": stage1, "num_classes": 3, "in_channels": 1})
-    assert parser.get_parsed_content("network_in_channels") == 3
+    keys = {"previous_stage": stage1, "num_classes": 3, "in_channels": 1, "stage_input": "channels"}
+    assert bundle_parser(bundle_config(3), keys).get_parsed_content("network_in_channels") == 3
+    crop = bundle_parser(bundle_config(3), {**keys, "stage_input": "crop"})
+    assert crop.get_parsed_content("network_in_channels") == 1  # the crop's region channel reaches no network
     cache = tmp_path / "cache"
     _planned(large, cache)
     with _plan_log() as lines:
-        _planned(large, cache, previous_stage=stage1)
+        _planned(large, cache, previous_stage=stage1, stage_input="channels")
     assert not any("from the cached plan" in line for line in lines)
     cached = [json.loads(path.read_text()) for path in cache.glob("*.json")]
     assert sorted(str(plan["identity"]["user"].get("previous_stage")) for plan in cached) == sorted([stage1, "None"])
