@@ -9,6 +9,8 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -115,13 +117,23 @@ def test_stage_two_folds_are_scored_on_out_of_fold_maps_and_keep_stage_one(casca
             assert "previous_stage: \"$@bundle_root + '/previous_stage'\"" in (run / "configs" / config).read_text()
 
 
-def test_a_moved_stage_two_run_folder_predicts_with_both_stages(cascade: SimpleNamespace, tmp_path: Path) -> None:
-    moved = Path(shutil.copytree(cascade.stage2 / "fold_0", tmp_path / "model"))
+@contextmanager
+def held_out_without_stage_one(cascade: SimpleNamespace, tmp_path: Path) -> Iterator[Path]:
+    """A folder holding the held-out image as scan.nii.gz, while stage 1's own folder is renamed away: a stage-2 run
+    folder must predict from its copy alone."""
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(cascade.image, images / "scan.nii.gz")
-    hidden = cascade.stage1.rename(cascade.root / "stage1_hidden")  # the run folder alone must do
+    hidden = cascade.stage1.rename(cascade.root / "stage1_hidden")
     try:
+        yield images
+    finally:
+        hidden.rename(cascade.stage1)
+
+
+def test_a_moved_stage_two_run_folder_predicts_with_both_stages(cascade: SimpleNamespace, tmp_path: Path) -> None:
+    moved = Path(shutil.copytree(cascade.stage2 / "fold_0", tmp_path / "model"))
+    with held_out_without_stage_one(cascade, tmp_path) as images:
         run_bundle(
             moved / "configs" / "inference.yaml",
             {"input_dir": images, "output_dir": tmp_path / "out"},
@@ -130,8 +142,6 @@ def test_a_moved_stage_two_run_folder_predicts_with_both_stages(cascade: SimpleN
         command = [*KFOLD, "predict", str(cascade.stage2), "--images", str(images), "--out", str(tmp_path / "ens")]
         result = subprocess.run(command, cwd=USER_CWD.name, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
-    finally:
-        hidden.rename(cascade.stage1)
     source = nib.load(images / "scan.nii.gz")
     for out in ("out", "ens"):
         for written in (tmp_path / out / "scan_seg.nii.gz", tmp_path / out / "previous_stage" / "scan_seg.nii.gz"):
@@ -270,25 +280,16 @@ def test_a_stage_input_set_without_a_first_stage_is_refused() -> None:
     why = "says how a cascade's second stage sees its first, and previous_stage is null"
     assert [str(p) for p in problems] == [f'stage_input = "channels": {why}; {fix}']
     assert settings.check({"stage_input": "crop"}, bundle, "train") == []  # the default, inert in one stage
-    assert settings.check({"stage_margin_mm": -1.0}, Path("bundles/unet3d").resolve(), "train")[0].key == (
-        "stage_margin_mm"
-    )
+    assert settings.check({"stage_margin_mm": -1.0}, bundle, "train")[0].key == "stage_margin_mm"
 
 
 def test_a_crop_stage_two_predicts_from_its_moved_run_folder(cascade: SimpleNamespace, tmp_path: Path) -> None:
     run = Path(shutil.copytree(cascade.crop / "fold_0", tmp_path / "model"))
     assert first_conv_inputs(run) == 1  # the region channel is cut around, never seen by the network
     assert "stage_input: crop" in (run / "configs" / "inference.yaml").read_text()
-    images = tmp_path / "images"
-    images.mkdir()
-    shutil.copy(cascade.image, images / "scan.nii.gz")
-    hidden = cascade.stage1.rename(cascade.root / "stage1_hidden")  # the run folder alone must do
-    try:
-        run_bundle(
-            run / "configs" / "inference.yaml", {"input_dir": images, "output_dir": tmp_path / "out"}, "inference"
-        )
-    finally:
-        hidden.rename(cascade.stage1)
+    with held_out_without_stage_one(cascade, tmp_path) as images:
+        keys = {"input_dir": images, "output_dir": tmp_path / "out"}
+        run_bundle(run / "configs" / "inference.yaml", keys, run_id="inference")
     source, label = nib.load(images / "scan.nii.gz"), nib.load(tmp_path / "out" / "scan_seg.nii.gz")
     assert label.shape == source.shape and np.allclose(label.affine, source.affine, atol=1e-4)
     first = np.asarray(nib.load(tmp_path / "out" / "previous_stage" / "scan_seg.nii.gz").dataobj) > 0
